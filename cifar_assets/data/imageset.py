@@ -1,0 +1,177 @@
+"""The one in-memory form every data source produces, and its open on-disk format.
+
+An :class:`ImageSet` is uint8 images (N, 32, 32, 3), int64 labels (N,) in 0..9 (or -1 when a
+batch is unlabelled) and a stable id per image derived from its content. It is stored as an
+uncompressed ``.npz`` (numpy's zip of ``.npy`` files, opened with ``allow_pickle=False``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+CLASSES: tuple[str, ...] = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+IMAGE_SHAPE = (32, 32, 3)
+UNLABELLED = -1
+SPLITS = ("train", "validation", "test")
+
+
+def content_hash(image: np.ndarray) -> str:
+    """sha256 of an image's raw bytes, hex: identical pixels give the identical hash."""
+    return hashlib.sha256(np.ascontiguousarray(image, dtype=np.uint8).tobytes()).hexdigest()
+
+
+def content_ids(images: np.ndarray) -> np.ndarray:
+    """Stable ids from content: the first 16 hex digits of the content hash.
+
+    Identical images within one set get ``-1``, ``-2``... suffixes so ids stay unique keys while
+    remaining a pure function of the pixels and their order of appearance.
+    """
+    seen: dict[str, int] = {}
+    ids = []
+    for image in images:
+        base = content_hash(image)[:16]
+        count = seen.get(base, 0)
+        seen[base] = count + 1
+        ids.append(base if count == 0 else f"{base}-{count}")
+    return np.asarray(ids, dtype="<U24")
+
+
+@dataclass(frozen=True, eq=False)
+class ImageSet:
+    images: np.ndarray
+    labels: np.ndarray
+    ids: np.ndarray
+    source: str = "unknown"
+
+    @classmethod
+    def from_arrays(cls, images: np.ndarray, labels: np.ndarray, source: str) -> ImageSet:
+        images = np.ascontiguousarray(images, dtype=np.uint8)
+        labels = np.asarray(labels, dtype=np.int64)
+        check_arrays(images, labels, where=source)
+        return cls(images=images, labels=labels, ids=content_ids(images), source=source)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def is_labelled(self) -> bool:
+        return bool(len(self) == 0 or (self.labels >= 0).all())
+
+    def subset(self, index: np.ndarray) -> ImageSet:
+        return ImageSet(self.images[index], self.labels[index], self.ids[index], self.source)
+
+    def class_counts(self) -> dict[str, int]:
+        counts = np.bincount(self.labels[self.labels >= 0], minlength=len(CLASSES))
+        return {name: int(counts[i]) for i, name in enumerate(CLASSES)}
+
+    def fingerprint(self) -> str:
+        """A content hash of the whole set (images, labels and order); used as a data version."""
+        digest = hashlib.sha256()
+        digest.update(np.ascontiguousarray(self.images).tobytes())
+        digest.update(np.ascontiguousarray(self.labels).tobytes())
+        return digest.hexdigest()[:32]
+
+
+def check_arrays(images: np.ndarray, labels: np.ndarray, where: str) -> None:
+    """Raise a ValueError naming the problem if arrays are not in the canonical form."""
+    if images.dtype != np.uint8:
+        raise ValueError(f"{where}: images must be uint8, got {images.dtype}.")
+    if images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE:
+        raise ValueError(
+            f"{where}: images must have shape (N, 32, 32, 3), got {images.shape}. "
+            "Resize to 32x32 RGB before building an ImageSet."
+        )
+    if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
+        raise ValueError(
+            f"{where}: labels must have shape ({images.shape[0]},) to match the images, "
+            f"got {labels.shape}."
+        )
+
+
+def save_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """Write arrays atomically: a failed write never leaves a half-written file in place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **dict(arrays))
+    tmp.replace(path)
+
+
+def load_npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        return {key: data[key] for key in data.files}
+
+
+def save_imageset(path: Path, imageset: ImageSet) -> None:
+    save_npz(
+        path,
+        {
+            "images": imageset.images,
+            "labels": imageset.labels,
+            "ids": imageset.ids,
+            "source": np.asarray(imageset.source),
+        },
+    )
+
+
+def load_imageset(path: Path) -> ImageSet:
+    arrays = load_npz(path)
+    return ImageSet(arrays["images"], arrays["labels"], arrays["ids"], str(arrays["source"]))
+
+
+@dataclass(frozen=True, eq=False)
+class Splits:
+    """Stratified train / validation / test image sets."""
+
+    train: ImageSet
+    validation: ImageSet
+    test: ImageSet
+
+    def items(self) -> list[tuple[str, ImageSet]]:
+        return [("train", self.train), ("validation", self.validation), ("test", self.test)]
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for name, part in self.items():
+            digest.update(name.encode())
+            digest.update(part.fingerprint().encode())
+        return digest.hexdigest()[:32]
+
+
+def save_splits(path: Path, splits: Splits) -> None:
+    arrays: dict[str, np.ndarray] = {}
+    for name, part in splits.items():
+        arrays[f"{name}_images"] = part.images
+        arrays[f"{name}_labels"] = part.labels
+        arrays[f"{name}_ids"] = part.ids
+        arrays[f"{name}_source"] = np.asarray(part.source)
+    save_npz(path, arrays)
+
+
+def load_splits(path: Path) -> Splits:
+    arrays = load_npz(path)
+    parts = {
+        name: ImageSet(
+            arrays[f"{name}_images"],
+            arrays[f"{name}_labels"],
+            arrays[f"{name}_ids"],
+            str(arrays[f"{name}_source"]),
+        )
+        for name in SPLITS
+    }
+    return Splits(**parts)

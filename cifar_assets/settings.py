@@ -1,0 +1,87 @@
+"""Every path, URI and port the project uses, read from the environment in one place.
+
+Defaults keep all state under ``var/`` in the repository root, so a fresh clone runs with no
+configuration; each value can be overridden by the environment variable named beside it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Settings:
+    var_dir: Path  # CIFAR_VAR_DIR: root of all local state
+    data_dir: Path  # CIFAR_DATA_DIR: downloaded data sets (cifar-10-python.tar.gz goes here)
+    storage_dir: Path  # CIFAR_STORAGE_DIR: asset values (npz, Parquet, weights, ONNX)
+    incoming_dir: Path  # CIFAR_INCOMING_DIR: production batches dropped for drift checks
+    capture_dir: Path  # CIFAR_CAPTURE_DIR: traffic captured by the A/B router
+    dagster_home: Path  # DAGSTER_HOME
+    mlflow_tracking_uri: str  # MLFLOW_TRACKING_URI
+    mlflow_experiment_name: str  # MLFLOW_EXPERIMENT_NAME
+    registered_model_name: str  # CIFAR_MODEL_NAME
+    triton_repo: Path  # TRITON_MODEL_REPOSITORY
+    triton_host: str  # TRITON_HOST
+    triton_http_port: int  # TRITON_HTTP_PORT
+    triton_grpc_port: int  # TRITON_GRPC_PORT
+    triton_metrics_port: int  # TRITON_METRICS_PORT
+    prometheus_port: int  # PROMETHEUS_PORT
+    log_level: str  # LOG_LEVEL
+
+    @property
+    def mlflow_artifact_root(self) -> Path:
+        return self.var_dir / "mlflow" / "artifacts"
+
+    @property
+    def triton_http_url(self) -> str:
+        return f"{self.triton_host}:{self.triton_http_port}"
+
+    @property
+    def triton_grpc_url(self) -> str:
+        return f"{self.triton_host}:{self.triton_grpc_port}"
+
+
+def _path(name: str, default: Path) -> Path:
+    value = os.environ.get(name)
+    return Path(value).expanduser().resolve() if value else default
+
+
+def _int(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    if value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise ValueError(
+            f"Environment variable {name}={value!r} is not an integer; set it to a number such "
+            f"as {default}, or unset it to use the default."
+        ) from exc
+
+
+def get_settings() -> Settings:
+    """Read the environment now (tests change it between calls, so nothing is cached)."""
+    var = _path("CIFAR_VAR_DIR", PROJECT_ROOT / "var")
+    return Settings(
+        var_dir=var,
+        data_dir=_path("CIFAR_DATA_DIR", var / "data"),
+        storage_dir=_path("CIFAR_STORAGE_DIR", var / "storage"),
+        incoming_dir=_path("CIFAR_INCOMING_DIR", var / "incoming"),
+        capture_dir=_path("CIFAR_CAPTURE_DIR", var / "capture"),
+        dagster_home=_path("DAGSTER_HOME", var / "dagster_home"),
+        mlflow_tracking_uri=os.environ.get("MLFLOW_TRACKING_URI")
+        or f"sqlite:///{var / 'mlflow' / 'mlflow.db'}",
+        mlflow_experiment_name=os.environ.get("MLFLOW_EXPERIMENT_NAME", "cifar10-resnet18"),
+        registered_model_name=os.environ.get("CIFAR_MODEL_NAME", "cifar10-resnet18"),
+        triton_repo=_path("TRITON_MODEL_REPOSITORY", PROJECT_ROOT / "triton_repo"),
+        triton_host=os.environ.get("TRITON_HOST", "127.0.0.1"),
+        triton_http_port=_int("TRITON_HTTP_PORT", 8000),
+        triton_grpc_port=_int("TRITON_GRPC_PORT", 8001),
+        triton_metrics_port=_int("TRITON_METRICS_PORT", 8002),
+        prometheus_port=_int("PROMETHEUS_PORT", 8003),
+        log_level=os.environ.get("LOG_LEVEL", "INFO").upper(),
+    )
