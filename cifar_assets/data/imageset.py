@@ -175,3 +175,50 @@ def load_splits(path: Path) -> Splits:
         for name in SPLITS
     }
     return Splits(**parts)
+
+
+@dataclass(frozen=True, eq=False)
+class RawData:
+    """What a source delivers: a pool of images, plus the official test set where one exists
+    (CIFAR-10's), which then stays the test split."""
+
+    pool: ImageSet
+    official_test: ImageSet | None = None
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(self.pool.fingerprint().encode())
+        if self.official_test is not None:
+            digest.update(self.official_test.fingerprint().encode())
+        return digest.hexdigest()[:32]
+
+
+def save_raw(path: Path, raw: RawData) -> None:
+    arrays = {
+        "pool_images": raw.pool.images,
+        "pool_labels": raw.pool.labels,
+        "pool_ids": raw.pool.ids,
+        "pool_source": np.asarray(raw.pool.source),
+    }
+    if raw.official_test is not None:
+        test = raw.official_test
+        arrays |= {
+            "test_images": test.images,
+            "test_labels": test.labels,
+            "test_ids": test.ids,
+            "test_source": np.asarray(test.source),
+        }
+    save_npz(path, arrays)
+
+
+def load_raw(path: Path) -> RawData:
+    arrays = load_npz(path)
+
+    def part(prefix: str) -> ImageSet:
+        return ImageSet(
+            arrays[f"{prefix}_images"],
+            arrays[f"{prefix}_labels"],
+            arrays[f"{prefix}_ids"],
+            str(arrays[f"{prefix}_source"]),
+        )
+
+    return RawData(part("pool"), part("test") if "test_images" in arrays else None)

@@ -1,0 +1,1 @@
+"""Thin Dagster asset definitions, one module per stage, calling the library code."""

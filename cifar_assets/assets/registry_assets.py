@@ -1,0 +1,80 @@
+"""Registry stage: ``registered_model``, a version of ``cifar10-resnet18`` in the MLflow registry,
+alias ``challenger``, promoted to ``champion`` only through the gate."""
+
+import dagster as dg
+from pydantic import Field
+
+from cifar_assets.artifacts import ModelEvaluation, RegisteredModel, TrainedModel
+from cifar_assets.assets.training_assets import TRAINING_GROUP
+from cifar_assets.resources import MLflowResource
+
+
+class RegistrationConfig(dg.Config):
+    gate_metric: str = Field(default="accuracy", description="Test metric the gate compares.")
+    promotion_margin: float = Field(
+        default=0.005,
+        description="How much the new model must beat the champion by (absolute, e.g. 0.005 = "
+        "half a point of accuracy) to become champion automatically.",
+    )
+
+
+@dg.asset(
+    group_name=TRAINING_GROUP,
+    kinds={"mlflow"},
+    owners=["team:ml-platform"],
+    code_version="1",
+    description="The trained model as a new MLflow registry version (alias challenger); it becomes "
+    "champion when there is none or when it beats the champion by the configured margin.",
+)
+def registered_model(
+    context: dg.AssetExecutionContext,
+    config: RegistrationConfig,
+    mlflow: MLflowResource,
+    trained_model: TrainedModel,
+    model_evaluation: ModelEvaluation,
+) -> dg.Output[RegisteredModel]:
+    from pathlib import Path
+
+    from cifar_assets.ml import registry, tracking
+
+    name = mlflow.registered_model_name()
+    version = registry.register(
+        mlflow.uri(),
+        run_id=trained_model.mlflow_run_id,
+        model_dir=Path(trained_model.model_dir),
+        metrics=model_evaluation.metrics,
+        data_version=trained_model.data_version,
+        description=f"ResNet18 ({trained_model.stem} stem), {trained_model.epochs} epochs, "
+        f"Dagster run {context.run_id}",
+        tags={"dagster_run_id": context.run_id},
+        name=name,
+    )
+    # The champion was re-evaluated on this run's test split, so the gate compares like with like.
+    decision = registry.gate(
+        mlflow.uri(),
+        version.version,
+        metric=config.gate_metric,
+        margin=config.promotion_margin,
+        name=name,
+        champion_metrics=model_evaluation.champion_metrics,
+    )
+    context.log.info(f"Version {version.version}: {decision.reason}")
+    return dg.Output(
+        RegisteredModel(
+            name=name,
+            version=int(version.version),
+            mlflow_run_id=trained_model.mlflow_run_id,
+            is_champion=decision.promote,
+            decision_reason=decision.reason,
+            metrics=model_evaluation.metrics,
+        ),
+        metadata={
+            "model_name": name,
+            "version": int(version.version),
+            "alias": "champion" if decision.promote else "challenger",
+            "decision": decision.reason,
+            "mlflow_run": dg.MetadataValue.url(
+                tracking.run_url(mlflow.uri(), trained_model.mlflow_run_id)
+            ),
+        },
+    )

@@ -1,0 +1,217 @@
+"""Training stage: ``trained_model`` (one MLflow run per training) and ``model_evaluation``."""
+
+import time
+from pathlib import Path
+from typing import Literal
+
+import dagster as dg
+from pydantic import Field
+
+from cifar_assets.artifacts import ModelEvaluation, TrainedModel
+from cifar_assets.assets.metadata import image, table
+from cifar_assets.assets.validation_assets import validation_report
+from cifar_assets.data.imageset import Splits
+from cifar_assets.ml.training import TrainConfig
+from cifar_assets.resources import MLflowResource
+from cifar_assets.settings import get_settings
+
+TRAINING_GROUP = "training"
+_DEFAULTS = TrainConfig()
+
+
+class TrainingConfig(dg.Config):
+    """Hyperparameters; the defaults are a GPU recipe for the full CIFAR-10 (see TrainConfig)."""
+
+    epochs: int = Field(default=_DEFAULTS.epochs, description="Passes over the training split.")
+    batch_size: int = Field(default=_DEFAULTS.batch_size)
+    lr: float = Field(default=_DEFAULTS.lr, description="Peak one-cycle learning rate.")
+    warmup_fraction: float = Field(default=_DEFAULTS.warmup_fraction)
+    weight_decay: float = Field(default=_DEFAULTS.weight_decay)
+    momentum: float = Field(default=_DEFAULTS.momentum)
+    nesterov: bool = Field(default=_DEFAULTS.nesterov)
+    label_smoothing: float = Field(default=_DEFAULTS.label_smoothing)
+    augment: bool = Field(default=_DEFAULTS.augment, description="Random flip and translate.")
+    translate: int = Field(default=_DEFAULTS.translate)
+    stem: Literal["cifar", "imagenet"] = Field(
+        default=_DEFAULTS.stem, description="cifar: accurate; imagenet: about 5x faster on CPU."
+    )
+    seed: int = Field(default=_DEFAULTS.seed)
+    device: Literal["auto", "cpu", "cuda"] = Field(default=_DEFAULTS.device)
+    compile: bool = Field(default=_DEFAULTS.compile, description="torch.compile (GPU runs).")
+    max_steps: int | None = Field(default=None, description="Cap on optimizer steps.")
+    num_threads: int | None = Field(default=None, description="CPU threads for torch.")
+
+
+def _run_tags(context: dg.AssetExecutionContext) -> dict[str, str]:
+    return {
+        "dagster_run_id": context.run_id,
+        "dagster_asset_key": context.asset_key.to_user_string(),
+        "dagster_job": context.job_name or "",
+    }
+
+
+@dg.asset(
+    group_name=TRAINING_GROUP,
+    kinds={"pytorch", "mlflow"},
+    owners=["team:ml-platform"],
+    code_version="1",
+    deps=[validation_report],
+    description="ResNet18 trained on the train split (safetensors weights + architecture), with "
+    "one MLflow run holding its parameters, per-epoch metrics and curves.",
+)
+def trained_model(
+    context: dg.AssetExecutionContext,
+    config: TrainingConfig,
+    mlflow: MLflowResource,
+    cifar10_splits: Splits,
+) -> dg.Output[TrainedModel]:
+    from cifar_assets.ml import tracking
+    from cifar_assets.ml.evaluation import training_curves_png
+    from cifar_assets.ml.model import save_model
+    from cifar_assets.ml.training import train
+
+    settings = get_settings()
+    train_config = TrainConfig(**config.model_dump())
+    data_version = cifar10_splits.fingerprint()
+    # The checkpoint folder is keyed by recipe and data, so a retry of a failed run resumes it.
+    recipe = train_config.recipe_hash(cifar10_splits.train.fingerprint())
+    work_dir = settings.storage_dir / "trained_model" / recipe
+    with tracking.tracking_run(
+        mlflow.uri(),
+        mlflow.experiment(),
+        run_name=f"train-{context.run_id[:8]}",
+        tags=_run_tags(context) | {"data_version": data_version},
+        artifact_location=mlflow.artifact_location(),
+    ) as run_id:
+        tracking.log_params(
+            mlflow.uri(),
+            run_id,
+            config.model_dump()
+            | {"data_version": data_version, "train_images": len(cifar10_splits.train)},
+        )
+
+        def on_epoch(metrics) -> None:  # type: ignore[no-untyped-def]
+            values = {k: v for k, v in vars(metrics).items() if isinstance(v, float | int)}
+            tracking.log_epoch_metrics(mlflow.uri(), run_id, metrics.epoch, values)
+            context.log.info(
+                f"epoch {metrics.epoch}/{train_config.epochs}: loss {metrics.train_loss:.4f}, "
+                f"train acc {metrics.train_accuracy:.3f}, val acc {metrics.val_accuracy}, "
+                f"{metrics.images_per_s:.0f} img/s, {metrics.eta_seconds:.0f} s left"
+            )
+
+        def on_progress(progress) -> None:  # type: ignore[no-untyped-def]
+            context.log.info(
+                f"epoch {progress.epoch} step {progress.step}/{progress.steps_in_epoch} "
+                f"(total {progress.global_step}/{progress.total_steps}): loss "
+                f"{progress.train_loss:.4f}, {progress.images_per_s:.0f} img/s, "
+                f"{progress.eta_seconds:.0f} s left"
+            )
+
+        started = time.monotonic()
+        result = train(
+            cifar10_splits.train,
+            cifar10_splits.validation,
+            train_config,
+            checkpoint_dir=work_dir / "checkpoints",
+            on_epoch=on_epoch,
+            on_progress=on_progress,
+        )
+        for note in result.notes:
+            context.log.info(note)
+        model_dir = work_dir / f"run-{context.run_id[:8]}"
+        save_model(result.model, result.architecture, model_dir)
+        curves = training_curves_png(result.history, model_dir / "training_curves.png")
+        tracking.log_artifact(mlflow.uri(), run_id, curves, "plots")
+        tracking.log_artifact(mlflow.uri(), run_id, model_dir, "model")
+    last = result.history[-1] if result.history else None
+    artifact = TrainedModel(
+        model_dir=str(model_dir),
+        stem=train_config.stem,
+        mlflow_run_id=run_id,
+        data_version=data_version,
+        epochs=train_config.epochs,
+        final_val_accuracy=last.val_accuracy if last else None,
+        images_per_s=result.images_per_s,
+        device=result.device,
+    )
+    return dg.Output(
+        artifact,
+        metadata={
+            "mlflow_run": dg.MetadataValue.url(tracking.run_url(mlflow.uri(), run_id)),
+            "mlflow_run_id": run_id,
+            "model_dir": dg.MetadataValue.path(str(model_dir)),
+            "val_accuracy": last.val_accuracy if last and last.val_accuracy is not None else 0.0,
+            "train_loss": last.train_loss if last else 0.0,
+            "images_per_s": round(result.images_per_s, 1),
+            "device": result.device,
+            "seconds": round(time.monotonic() - started, 1),
+            "resumed_from_epoch": result.resumed_from_epoch,
+            "training_curves": image(curves, "training curves"),
+        },
+    )
+
+
+@dg.asset(
+    group_name=TRAINING_GROUP,
+    kinds={"pytorch", "mlflow"},
+    owners=["team:ml-platform"],
+    code_version="1",
+    description="Test-split accuracy, macro F1, per-class precision/recall, confusion matrix, "
+    "ECE and top-k, compared with the current champion on the same split.",
+)
+def model_evaluation(
+    context: dg.AssetExecutionContext,
+    mlflow: MLflowResource,
+    trained_model: TrainedModel,
+    cifar10_splits: Splits,
+) -> dg.Output[ModelEvaluation]:
+    from cifar_assets.ml import registry, tracking
+    from cifar_assets.ml.evaluation import (
+        compare,
+        confusion_matrix_png,
+        evaluate,
+        per_class_accuracy_png,
+        predict_logits,
+    )
+    from cifar_assets.ml.model import load_model
+
+    test = cifar10_splits.test
+    model = load_model(Path(trained_model.model_dir))
+    evaluation = evaluate(predict_logits(model, test.images), test.labels)
+    plots = Path(trained_model.model_dir) / "evaluation"
+    plots.mkdir(exist_ok=True)
+    confusion = confusion_matrix_png(evaluation, plots / "confusion_matrix.png")
+    per_class = per_class_accuracy_png(evaluation, plots / "per_class_accuracy.png")
+    metrics = evaluation.scalar_metrics()
+    run_id = trained_model.mlflow_run_id
+    tracking.log_epoch_metrics(mlflow.uri(), run_id, 0, {f"test_{k}": v for k, v in metrics.items()})
+    for plot in (confusion, per_class):
+        tracking.log_artifact(mlflow.uri(), run_id, plot, "plots")
+
+    champion = registry.get_champion(mlflow.uri(), name=mlflow.registered_model_name())
+    champion_metrics = None
+    metadata: dict[str, object] = {
+        **{k: float(v) for k, v in metrics.items()},
+        "per_class": table(evaluation.per_class_frame()),
+        "confusion_matrix": image(confusion, "confusion matrix"),
+        "per_class_accuracy": image(per_class, "per-class accuracy"),
+    }
+    if champion is not None:
+        champion_model = registry.load_model_version(
+            mlflow.uri(), champion.version, name=mlflow.registered_model_name()
+        )
+        champion_eval = evaluate(predict_logits(champion_model, test.images), test.labels)
+        champion_metrics = champion_eval.scalar_metrics()
+        difference = compare(evaluation, champion_eval)
+        metadata["champion_version"] = str(champion.version)
+        metadata["vs_champion"] = dg.MetadataValue.json(difference)
+        context.log.info(f"Against champion v{champion.version}: {difference}")
+    return dg.Output(
+        ModelEvaluation(
+            mlflow_run_id=trained_model.mlflow_run_id,
+            metrics={k: float(v) for k, v in metrics.items()},
+            champion_version=str(champion.version) if champion else None,
+            champion_metrics=champion_metrics,
+        ),
+        metadata=metadata,
+    )

@@ -1,0 +1,84 @@
+"""Blocking data checks on ``validation_report``: a failure stops everything downstream.
+
+The rules live in :mod:`cifar_assets.data.validation`; here each outcome becomes a Dagster check
+result whose failure cases show as a table in the UI (dagster-pandera's type check would drop it).
+"""
+
+from typing import TYPE_CHECKING
+
+import dagster as dg
+import pandas as pd
+
+from cifar_assets.assets.metadata import table
+from cifar_assets.assets.validation_assets import validation_report
+from cifar_assets.data.imageset import Splits
+
+if TYPE_CHECKING:
+    from cifar_assets.data.imageset import Splits
+    from cifar_assets.data.validation import CheckOutcome
+
+
+class BalanceCheckConfig(dg.Config):
+    tolerance: float = 0.2
+
+
+def _result(outcome: "CheckOutcome") -> dg.AssetCheckResult:
+    metadata: dict[str, object] = {"summary": outcome.description, **outcome.summary}
+    if not outcome.failures.empty:
+        metadata["failure_cases"] = table(outcome.failures)
+        metadata["failure_count"] = len(outcome.failures)
+    return dg.AssetCheckResult(
+        passed=outcome.passed, severity=dg.AssetCheckSeverity.ERROR, metadata=metadata
+    )
+
+
+_SPLITS_IN = {"cifar10_splits": dg.AssetIn(key="cifar10_splits")}
+
+
+@dg.asset_check(
+    asset=validation_report,
+    blocking=True,
+    description="The statistics table matches its pandera schema (types, ranges, unique ids).",
+)
+def schema_check(validation_report: pd.DataFrame) -> dg.AssetCheckResult:
+    from cifar_assets.data.validation import check_schema
+
+    return _result(check_schema(validation_report))
+
+
+@dg.asset_check(
+    asset=validation_report,
+    blocking=True,
+    additional_ins=_SPLITS_IN,
+    description="Shape (N, 32, 32, 3), uint8, labels in 0..9, no constant images.",
+)
+def integrity_check(cifar10_splits: Splits) -> dg.AssetCheckResult:
+    from cifar_assets.data.validation import check_integrity
+
+    return _result(check_integrity(cifar10_splits))
+
+
+@dg.asset_check(
+    asset=validation_report,
+    blocking=True,
+    additional_ins=_SPLITS_IN,
+    description="Every class within the tolerance of the mean class count, in every split.",
+)
+def class_balance_check(config: BalanceCheckConfig, cifar10_splits: Splits) -> dg.AssetCheckResult:
+    from cifar_assets.data.validation import check_class_balance
+
+    return _result(check_class_balance(cifar10_splits, tolerance=config.tolerance))
+
+
+@dg.asset_check(
+    asset=validation_report,
+    blocking=True,
+    description="No exact or near-duplicate images shared between splits.",
+)
+def leakage_check(validation_report: pd.DataFrame) -> dg.AssetCheckResult:
+    from cifar_assets.data.validation import check_leakage
+
+    return _result(check_leakage(validation_report))
+
+
+DATA_CHECKS = [schema_check, integrity_check, class_balance_check, leakage_check]

@@ -1,0 +1,130 @@
+"""Dagster resources: where asset values are stored, and the MLflow and Triton connections.
+
+Values are stored in open formats only: image sets as ``.npz``, tables as Parquet, and the small
+records of :mod:`cifar_assets.artifacts` as JSON. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from cifar_assets import artifacts
+from cifar_assets.settings import get_settings
+
+
+class LocalStorageIOManager(dg.ConfigurableIOManager):
+    """Stores each asset (and partition) under ``base_dir/<asset key>/``."""
+
+    base_dir: str = ""
+
+    def _root(self) -> Path:
+        return Path(self.base_dir) if self.base_dir else get_settings().storage_dir
+
+    def _stem(self, context: dg.OutputContext | dg.InputContext) -> Path:
+        path = self._root().joinpath(*context.asset_key.path)
+        if context.has_asset_partitions:
+            path = path / context.asset_partition_key
+        return path / "value"
+
+    def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
+        from cifar_assets.data import imageset
+
+        stem = self._stem(context)
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(obj, imageset.Splits):
+            imageset.save_splits(stem.with_suffix(".splits.npz"), obj)
+        elif isinstance(obj, imageset.RawData):
+            imageset.save_raw(stem.with_suffix(".raw.npz"), obj)
+        elif isinstance(obj, imageset.ImageSet):
+            imageset.save_imageset(stem.with_suffix(".imageset.npz"), obj)
+        elif type(obj).__name__ == "DataFrame":
+            tmp = stem.with_suffix(".tmp.parquet")
+            obj.to_parquet(tmp, index=False)
+            tmp.replace(stem.with_suffix(".parquet"))
+        elif dataclasses.is_dataclass(obj) and type(obj).__name__ in artifacts.ARTIFACT_TYPES:
+            payload = {"type": type(obj).__name__, "value": dataclasses.asdict(obj)}
+            tmp = stem.with_suffix(".tmp.json")
+            tmp.write_text(json.dumps(payload, indent=2, default=str))
+            tmp.replace(stem.with_suffix(".json"))
+        else:
+            raise TypeError(
+                f"Asset {context.asset_key.to_user_string()} returned a {type(obj).__name__}, "
+                "which this IO manager cannot store; return an ImageSet, Splits, RawData, a "
+                "pandas DataFrame or a record from cifar_assets.artifacts."
+            )
+
+    def load_input(self, context: dg.InputContext) -> Any:
+        from cifar_assets.data import imageset
+
+        stem = self._stem(context)
+        candidates = sorted(stem.parent.glob(stem.name + ".*"))
+        candidates = [c for c in candidates if ".tmp." not in c.name]
+        if not candidates:
+            raise FileNotFoundError(
+                f"No stored value for asset {context.asset_key.to_user_string()} under "
+                f"{stem.parent}. Materialize it first (e.g. from the Dagster UI or with "
+                "`dagster job execute`)."
+            )
+        path = candidates[0]
+        if path.name.endswith(".splits.npz"):
+            return imageset.load_splits(path)
+        if path.name.endswith(".raw.npz"):
+            return imageset.load_raw(path)
+        if path.name.endswith(".imageset.npz"):
+            return imageset.load_imageset(path)
+        if path.suffix == ".parquet":
+            import pandas as pd
+
+            return pd.read_parquet(path)
+        payload = json.loads(path.read_text())
+        return artifacts.ARTIFACT_TYPES[payload["type"]](**payload["value"])
+
+
+class MLflowResource(dg.ConfigurableResource):
+    """Where MLflow runs and the model registry live (defaults from the environment)."""
+
+    tracking_uri: str = ""
+    experiment_name: str = ""
+    model_name: str = ""
+
+    def uri(self) -> str:
+        return self.tracking_uri or get_settings().mlflow_tracking_uri
+
+    def experiment(self) -> str:
+        return self.experiment_name or get_settings().mlflow_experiment_name
+
+    def registered_model_name(self) -> str:
+        return self.model_name or get_settings().registered_model_name
+
+    def artifact_location(self) -> str | None:
+        if self.uri().startswith("sqlite:"):
+            return get_settings().mlflow_artifact_root.as_uri()
+        return None
+
+
+class TritonResource(dg.ConfigurableResource):
+    """The Triton server the deployment asset talks to; started on demand when it is local."""
+
+    host: str = ""
+    http_port: int = 0
+    grpc_port: int = 0
+    metrics_port: int = 0
+    model_repository: str = ""
+    start_if_down: bool = True
+
+    def resolved(self) -> dict[str, Any]:
+        settings = get_settings()
+        return {
+            "host": self.host or settings.triton_host,
+            "http_port": self.http_port or settings.triton_http_port,
+            "grpc_port": self.grpc_port or settings.triton_grpc_port,
+            "metrics_port": self.metrics_port or settings.triton_metrics_port,
+            "repository": Path(self.model_repository)
+            if self.model_repository
+            else settings.triton_repo,
+        }
