@@ -8,18 +8,31 @@ from typing import TYPE_CHECKING
 
 import dagster as dg
 import pandas as pd
+from pydantic import Field
 
 from cifar_assets.assets.metadata import table
 from cifar_assets.assets.validation_assets import validation_report
 from cifar_assets.data.imageset import Splits
 
 if TYPE_CHECKING:
-    from cifar_assets.data.imageset import Splits
     from cifar_assets.data.validation import CheckOutcome
 
 
 class BalanceCheckConfig(dg.Config):
-    tolerance: float = 0.2
+    tolerance: float = Field(
+        default=0.2, description="Allowed relative deviation of a class count from the mean."
+    )
+
+
+class LeakageCheckConfig(dg.Config):
+    near_duplicate_max_distance: int = Field(
+        default=4, description="pHash bits two images may differ by and still be near-duplicates."
+    )
+    max_near_duplicate_fraction: float = Field(
+        default=0.0,
+        description="Share of validation+test images allowed to have a near-duplicate in an "
+        "earlier split (exact duplicates always fail). Real CIFAR-10 has a few percent.",
+    )
 
 
 def _result(outcome: "CheckOutcome") -> dg.AssetCheckResult:
@@ -75,10 +88,18 @@ def class_balance_check(config: BalanceCheckConfig, cifar10_splits: Splits) -> d
     blocking=True,
     description="No exact or near-duplicate images shared between splits.",
 )
-def leakage_check(validation_report: pd.DataFrame) -> dg.AssetCheckResult:
+def leakage_check(
+    config: LeakageCheckConfig, validation_report: pd.DataFrame
+) -> dg.AssetCheckResult:
     from cifar_assets.data.validation import check_leakage
 
-    return _result(check_leakage(validation_report))
+    return _result(
+        check_leakage(
+            validation_report,
+            near_duplicate_max_distance=config.near_duplicate_max_distance,
+            max_near_duplicate_fraction=config.max_near_duplicate_fraction,
+        )
+    )
 
 
 DATA_CHECKS = [schema_check, integrity_check, class_balance_check, leakage_check]
