@@ -52,7 +52,7 @@ def build_resnet18(architecture: Architecture) -> torch.nn.Module:
     model = resnet18(num_classes=architecture.num_classes)
     if architecture.stem == "cifar":
         model.conv1 = torch.nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-        model.maxpool = torch.nn.Identity()  # type: ignore[assignment]
+        model.maxpool = torch.nn.Identity()
     return model
 
 

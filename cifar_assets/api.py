@@ -1,0 +1,182 @@
+"""Plain Python API for notebooks: the registry, ONNX export, quantization and benchmarks.
+
+The same library code the Dagster assets call, with the tracking URI and model name taken from
+cifar_assets.settings (environment variables), so no Dagster is needed::
+
+    from cifar_assets import api
+
+    with api.start_run("notebook-experiment", tags={"author": "me"}) as run_id:
+        model = ...  # train, then cifar_assets.ml.model.save_model(model, arch, model_dir)
+        version = api.register(run_id, model_dir, {"accuracy": 0.91}, data_version="abc123")
+    print(api.gate(version.version, metric="accuracy", margin=0.005))
+    print(api.list_versions())
+    champion = api.load("champion")  # torch.nn.Module in eval mode
+    api.export_onnx(champion, Path("champion.onnx"))
+    api.rollback("accuracy dropped in production")
+
+Every function takes ``tracking_uri`` and ``name`` keyword arguments to override the settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cifar_assets.ml import registry, tracking
+from cifar_assets.ml.registry import AliasMove, ModelVersionInfo, PromotionDecision
+from cifar_assets.settings import get_settings
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+    import torch
+
+
+def _uri(tracking_uri: str | None) -> str:
+    return tracking_uri or get_settings().mlflow_tracking_uri
+
+
+def _name(name: str | None) -> str:
+    return name or get_settings().registered_model_name
+
+
+@contextmanager
+def start_run(
+    run_name: str,
+    tags: Mapping[str, Any] | None = None,
+    experiment_name: str | None = None,
+    tracking_uri: str | None = None,
+) -> Iterator[str]:
+    """An MLflow run (yields its id) in the project's experiment; always ended, never RUNNING."""
+    settings = get_settings()
+    uri = _uri(tracking_uri)
+    experiment = experiment_name or settings.mlflow_experiment_name
+    location = tracking.default_artifact_location(uri, experiment, settings.mlflow_artifact_root)
+    with tracking.tracking_run(uri, experiment, run_name, tags or {}, location) as run_id:
+        yield run_id
+
+
+def register(
+    run_id: str,
+    model_dir: Path,
+    metrics: Mapping[str, float],
+    data_version: str,
+    description: str = "",
+    tags: Mapping[str, str] | None = None,
+    *,
+    name: str | None = None,
+    tracking_uri: str | None = None,
+) -> ModelVersionInfo:
+    """Register the model saved in ``model_dir`` as a new version (alias ``challenger``)."""
+    return registry.register(
+        _uri(tracking_uri), run_id, model_dir, metrics, data_version, description, tags, _name(name)
+    )
+
+
+def gate(
+    version: int,
+    metric: str = "accuracy",
+    margin: float = 0.0,
+    *,
+    name: str | None = None,
+    tracking_uri: str | None = None,
+) -> PromotionDecision:
+    """Promote ``version`` if it beats the champion on ``metric`` by more than ``margin``."""
+    return registry.gate(_uri(tracking_uri), version, metric, margin, _name(name))
+
+
+def promote(
+    version: int, reason: str, *, name: str | None = None, tracking_uri: str | None = None
+) -> ModelVersionInfo:
+    """Make ``version`` the champion by hand; ``reason`` goes to the alias history."""
+    return registry.promote(_uri(tracking_uri), version, reason, _name(name))
+
+
+def rollback(
+    reason: str, *, name: str | None = None, tracking_uri: str | None = None
+) -> ModelVersionInfo:
+    """Move ``champion`` back to the previous champion."""
+    return registry.rollback(_uri(tracking_uri), reason, _name(name))
+
+
+def load(
+    alias: str = registry.CHAMPION,
+    version: int | None = None,
+    *,
+    name: str | None = None,
+    tracking_uri: str | None = None,
+) -> torch.nn.Module:
+    """The network behind ``alias``, or behind ``version`` when given (eval mode)."""
+    if version is not None:
+        return registry.load_model_version(_uri(tracking_uri), version, _name(name))
+    return registry.load_model_by_alias(_uri(tracking_uri), alias, _name(name))
+
+
+def load_pyfunc(
+    alias: str = registry.CHAMPION, *, name: str | None = None, tracking_uri: str | None = None
+) -> Any:
+    """The MLflow pyfunc model behind ``alias``: ``predict(uint8 (N,32,32,3)) -> logits``."""
+    return registry.load_pyfunc(_uri(tracking_uri), alias, _name(name))
+
+
+def champion(
+    *, name: str | None = None, tracking_uri: str | None = None
+) -> ModelVersionInfo | None:
+    return registry.get_champion(_uri(tracking_uri), _name(name))
+
+
+def compare(
+    version_a: int, version_b: int, *, name: str | None = None, tracking_uri: str | None = None
+) -> pd.DataFrame:
+    """Metrics of two versions side by side, with ``difference`` = b - a."""
+    return registry.compare_versions(_uri(tracking_uri), version_a, version_b, _name(name))
+
+
+def list_models(*, tracking_uri: str | None = None) -> pd.DataFrame:
+    return registry.list_models(_uri(tracking_uri))
+
+
+def list_versions(*, name: str | None = None, tracking_uri: str | None = None) -> pd.DataFrame:
+    return registry.list_versions(_uri(tracking_uri), _name(name))
+
+
+def history(*, name: str | None = None, tracking_uri: str | None = None) -> list[AliasMove]:
+    """Every alias move, oldest first (``registry.history_frame`` gives it as a table)."""
+    return registry.alias_history(_uri(tracking_uri), _name(name))
+
+
+def champion_at(
+    when: datetime, *, name: str | None = None, tracking_uri: str | None = None
+) -> int | None:
+    """The version that was champion at ``when`` (timezone-aware)."""
+    return registry.champion_at(_uri(tracking_uri), when, _name(name))
+
+
+def export_onnx(model: torch.nn.Module, path: Path, opset: int = 17) -> Path:
+    """Export the network to ONNX (normalised float NCHW input, logits output)."""
+    from cifar_assets.ml.onnx_export import export_onnx as export
+
+    return export(model, path, opset=opset)
+
+
+def quantize(fp32_path: Path, int8_path: Path, calibration_images: np.ndarray) -> Path:
+    """Static INT8 quantization of an FP32 ONNX file, calibrated on uint8 images."""
+    from cifar_assets.ml.quantization import quantize_int8
+
+    return quantize_int8(fp32_path, int8_path, calibration_images)
+
+
+def benchmark(
+    path: Path,
+    batch_size: int = 64,
+    n_batches: int = 20,
+    warmup: int = 3,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Throughput and latency of an ONNX file under ONNX Runtime."""
+    from cifar_assets.ml.inference_bench import benchmark_onnx
+
+    return benchmark_onnx(path, batch_size, n_batches, warmup, threads=threads)

@@ -1,0 +1,304 @@
+"""MLflow experiment tracking as plain functions: one run per training, always ended properly.
+
+``tracking_run`` creates the experiment if needed, starts a run tagged with its caller (for
+example the Dagster run id and asset key) and guarantees that neither it nor any run started
+inside it is left RUNNING: FINISHED on success, FAILED on an exception, KILLED on an interrupt.
+Every function takes the tracking URI explicitly and builds its own ``MlflowClient``; the
+process-wide tracking URI is switched only inside ``tracking_run`` (so that fluent ``mlflow.*``
+calls in its body reach the same store) and inside ``scoped_tracking_uri`` blocks, and restored
+afterwards.
+
+mlflow is imported inside the functions: this module is imported by Dagster asset modules, and
+importing mlflow costs about 4 s in every step process.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlparse
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities import Run
+
+LOCAL_UI_URL = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local (sqlite/file) store
+PARENT_RUN_TAG = "mlflow.parentRunId"
+_BATCH_LIMIT = 100  # MLflow's log_batch accepts at most 100 params and 1000 metrics per call
+
+
+def client_for(tracking_uri: str) -> MlflowClient:
+    """A client whose registry is the tracking store itself, whatever MLFLOW_REGISTRY_URI says,
+    so that runs and the model versions made from them always live in the same database."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+@contextmanager
+def scoped_tracking_uri(tracking_uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API at ``tracking_uri`` for the block, then restore the previous URI.
+
+    Needed because some MLflow 3 calls (logging a model, registering a logged model, loading
+    ``models:/`` URIs) resolve the process-wide URI internally; MLflow offers no public scoped
+    setter, so this uses its internal one (present throughout MLflow 3).
+    """
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    with _use_tracking_uri(tracking_uri):
+        yield
+
+
+def default_artifact_location(
+    tracking_uri: str, experiment_name: str, root: Path | None = None
+) -> str | None:
+    """Where a new experiment keeps its artifacts when the caller gives no location.
+
+    For a sqlite store: ``<root>/<experiment name>``, with ``root`` defaulting to ``artifacts/``
+    beside the database file, because MLflow's own default is ``./mlruns`` relative to whatever
+    the current directory happens to be. For other stores (a tracking server), None lets the
+    server decide.
+    """
+    parsed = urlparse(tracking_uri)
+    # sqlite:///relative.db and sqlite:////absolute.db: the path follows the third slash.
+    if parsed.scheme != "sqlite" or len(parsed.path) < 2:
+        return None
+    if root is None:
+        root = Path(unquote(parsed.path[1:])).resolve().parent / "artifacts"
+    # Distinct names may share a folder after this; harmless, since run and model ids are unique.
+    folder = re.sub(r"[^A-Za-z0-9._-]", "_", experiment_name)
+    return (root.resolve() / folder).as_uri()
+
+
+def ensure_experiment(
+    tracking_uri: str, experiment_name: str, artifact_location: str | None = None
+) -> str:
+    """The id of ``experiment_name``, created (with ``artifact_location``, or the default above)
+    if it does not exist yet."""
+    from mlflow.exceptions import MlflowException
+
+    client = client_for(tracking_uri)
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        location = artifact_location or default_artifact_location(tracking_uri, experiment_name)
+        try:
+            return client.create_experiment(experiment_name, artifact_location=location)
+        except MlflowException as exc:
+            # Another process created it between our lookup and our create: use theirs.
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            experiment = client.get_experiment_by_name(experiment_name)
+            if experiment is None:
+                raise
+    if experiment.lifecycle_stage == "deleted":
+        raise RuntimeError(
+            f"MLflow experiment {experiment_name!r} in {tracking_uri} is deleted. Restore it "
+            f"(`mlflow experiments restore --experiment-id {experiment.experiment_id}`) or use "
+            "another experiment name."
+        )
+    return str(experiment.experiment_id)
+
+
+def _status_for(error: BaseException | None) -> str:
+    if error is None:
+        return "FINISHED"
+    if isinstance(error, Exception):
+        return "FAILED"
+    # KeyboardInterrupt, SystemExit and Dagster's interruption errors derive from BaseException.
+    return "KILLED"
+
+
+def search_all_runs(
+    client: MlflowClient, experiment_ids: list[str], filter_string: str
+) -> list[Run]:
+    """All runs matching ``filter_string``, across result pages."""
+    runs: list[Run] = []
+    page_token = None
+    while True:
+        page = client.search_runs(
+            experiment_ids, filter_string=filter_string, max_results=1000, page_token=page_token
+        )
+        runs.extend(page)
+        page_token = page.token
+        if not page_token:
+            return runs
+
+
+def _end_running_descendants(client: MlflowClient, run: Run, status: str) -> list[str]:
+    """End every still-RUNNING run below ``run`` (children, grandchildren, ...)."""
+    ended: list[str] = []
+    parents = [run.info.run_id]
+    # Code in the body may have started children in another experiment.
+    experiment_ids = [experiment.experiment_id for experiment in client.search_experiments()]
+    while parents:
+        parent = parents.pop()
+        children = search_all_runs(client, experiment_ids, f"tags.`{PARENT_RUN_TAG}` = '{parent}'")
+        for child in children:
+            parents.append(child.info.run_id)
+            if child.info.status == "RUNNING":
+                client.set_terminated(child.info.run_id, status)
+                ended.append(child.info.run_id)
+    return ended
+
+
+@contextmanager
+def _scoped_fluent_experiment(experiment_id: str) -> Iterator[None]:
+    """Make ``experiment_id`` the fluent API's experiment for the block, then restore it.
+
+    Without this, ``mlflow.start_run(nested=True)`` in the body would put children in the
+    Default experiment, and resuming our run fails if the caller had set another experiment.
+    ``mlflow.set_experiment`` would also rewrite MLFLOW_EXPERIMENT_ID in the environment, so the
+    fluent module's variable is swapped directly.
+    """
+    from mlflow.tracking import fluent
+
+    previous = fluent._active_experiment_id
+    fluent._active_experiment_id = experiment_id  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        fluent._active_experiment_id = previous
+
+
+@contextmanager
+def tracking_run(
+    tracking_uri: str,
+    experiment_name: str,
+    run_name: str,
+    tags: Mapping[str, Any],
+    artifact_location: str | None = None,
+) -> Iterator[str]:
+    """Start an MLflow run and yield its id; the run always ends, never stays RUNNING.
+
+    The run is also the active fluent run for the body, so ``mlflow.log_metric`` or
+    ``mlflow.start_run(nested=True)`` inside it land here. On exit, runs the body left open
+    (fluent or nested) end with the same status as this one: FINISHED on success, FAILED on an
+    exception, KILLED on KeyboardInterrupt or another interruption; the exception propagates.
+    """
+    import mlflow
+
+    experiment_id = ensure_experiment(tracking_uri, experiment_name, artifact_location)
+    client = client_for(tracking_uri)
+    run = client.create_run(
+        experiment_id, run_name=run_name, tags={key: str(value) for key, value in tags.items()}
+    )
+    run_id = run.info.run_id
+    error: BaseException | None = None
+    with scoped_tracking_uri(tracking_uri), _scoped_fluent_experiment(experiment_id):
+        outer = mlflow.active_run()
+        outer_id = outer.info.run_id if outer else None
+        try:
+            mlflow.start_run(run_id=run_id, nested=outer is not None)
+            yield run_id
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            status = _status_for(error)
+            while (active := mlflow.active_run()) is not None and active.info.run_id != outer_id:
+                mlflow.end_run(status)
+            _end_running_descendants(client, run, status)
+            client.set_terminated(run_id, status)
+
+
+def end_orphaned_runs(
+    tracking_uri: str, experiment_name: str, tag_key: str, tag_value: str
+) -> list[str]:
+    """Mark FAILED every RUNNING run of the experiment tagged ``tag_key=tag_value`` (and the
+    runs nested under it); returns their ids. A safety net for processes killed mid-run."""
+    client = client_for(tracking_uri)
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        return []
+    running = search_all_runs(client, [experiment.experiment_id], "attributes.status = 'RUNNING'")
+    ended: list[str] = []
+    # Tags are compared here, not in the filter string, so any tag value works unescaped.
+    for run in running:
+        if run.data.tags.get(tag_key) == tag_value:
+            client.set_terminated(run.info.run_id, "FAILED")
+            ended.append(run.info.run_id)
+            ended.extend(_end_running_descendants(client, run, "FAILED"))
+    return ended
+
+
+def log_params(tracking_uri: str, run_id: str, params: Mapping[str, Any]) -> None:
+    """Log ``params`` (values as strings). MLflow params are immutable: logging a key again
+    with a different value raises."""
+    from mlflow.entities import Param
+    from mlflow.exceptions import MlflowException
+
+    client = client_for(tracking_uri)
+    items = [Param(str(key), str(value)) for key, value in params.items()]
+    for start in range(0, len(items), _BATCH_LIMIT):
+        try:
+            client.log_batch(run_id, params=items[start : start + _BATCH_LIMIT])
+        except MlflowException as exc:
+            raise ValueError(
+                f"Could not log params {sorted(params)} to MLflow run {run_id}: {exc.message} "
+                "Params cannot change once logged; log changed values in a new run."
+            ) from exc
+
+
+def log_epoch_metrics(
+    tracking_uri: str, run_id: str, step: int, metrics: Mapping[str, float]
+) -> None:
+    """Log one step's metrics (for example one epoch's loss and accuracy) in a single call."""
+    from mlflow.entities import Metric
+
+    timestamp = int(time.time() * 1000)
+    items = []
+    for key, value in metrics.items():
+        try:
+            number = float(value)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(
+                f"Metric {key!r}={value!r} for MLflow run {run_id} step {step} is not a number; "
+                "pass floats (call .item() on tensors)."
+            ) from exc
+        items.append(Metric(str(key), number, timestamp, step))
+    if any(math.isinf(metric.value) for metric in items):
+        raise ValueError(
+            f"Metrics {dict(metrics)} for MLflow run {run_id} step {step} contain an infinite "
+            "value; training diverged or a metric divides by zero."
+        )
+    client_for(tracking_uri).log_batch(run_id, metrics=items)
+
+
+def log_artifact(
+    tracking_uri: str, run_id: str, path: Path | str, artifact_path: str | None = None
+) -> str:
+    """Copy a file or a whole directory into the run's artifacts; returns its artifact URI."""
+    local = Path(path)
+    client = client_for(tracking_uri)
+    if local.is_dir():
+        client.log_artifacts(run_id, str(local), artifact_path)
+        relative = artifact_path or ""
+    elif local.is_file():
+        client.log_artifact(run_id, str(local), artifact_path)
+        relative = f"{artifact_path}/{local.name}" if artifact_path else local.name
+    else:
+        raise FileNotFoundError(
+            f"Cannot log {local} to MLflow run {run_id}: no such file or directory. Write it "
+            "first, or check the path."
+        )
+    root = client.get_run(run_id).info.artifact_uri.rstrip("/")
+    return f"{root}/{relative}" if relative else root
+
+
+def ui_base_url(tracking_uri: str) -> str:
+    """The MLflow UI that shows this store: the server itself for http(s) URIs, else the
+    local ``mlflow ui`` default address."""
+    if urlparse(tracking_uri).scheme in ("http", "https"):
+        return tracking_uri.rstrip("/")
+    return LOCAL_UI_URL
+
+
+def run_url(tracking_uri: str, run_id: str) -> str:
+    """A link to the run in the MLflow UI (for Dagster metadata and notebook output)."""
+    experiment_id = client_for(tracking_uri).get_run(run_id).info.experiment_id
+    return f"{ui_base_url(tracking_uri)}/#/experiments/{experiment_id}/runs/{run_id}"
