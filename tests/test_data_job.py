@@ -25,8 +25,14 @@ def test_data_job_runs_and_records_materializations_and_checks(
     result = subprocess.run(
         [
             str(PROJECT_ROOT / ".venv" / "bin" / "dagster"),
-            "job", "execute", "-m", "cifar_assets.definitions", "-j", "data_job",
-            "-c", str(config_file),
+            "job",
+            "execute",
+            "-m",
+            "cifar_assets.definitions",
+            "-j",
+            "data_job",
+            "-c",
+            str(config_file),
         ],
         cwd=PROJECT_ROOT,
         env=subprocess_env(project_env),

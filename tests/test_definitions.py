@@ -24,9 +24,7 @@ def wiring() -> dict[str, object]:
             "group": node.group_name,
             "kinds": sorted(node.kinds),
         }
-    checks = sorted(
-        f"{c.asset_key.to_user_string()}:{c.name}" for c in graph.asset_check_keys
-    )
+    checks = sorted(f"{c.asset_key.to_user_string()}:{c.name}" for c in graph.asset_check_keys)
     repo = defs.get_repository_def()
     jobs = {}
     for job in sorted(repo.get_all_jobs(), key=lambda j: j.name):
@@ -57,5 +55,7 @@ def test_definitions_import_without_heavy_libraries() -> None:
         "heavy = [m for m in ('torch', 'mlflow', 'alibi_detect', 'onnxruntime', 'tritonclient') "
         "if m in sys.modules]; print(','.join(heavy))"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
     assert result.stdout.strip() == ""
