@@ -1,0 +1,539 @@
+"""Start, watch and stop the real ``tritonserver`` that the nvidia-pytriton wheel ships.
+
+The one place that starts Triton. Like pytriton itself, it assembles a python-backend folder with
+the stub built for the running Python (the wheel carries one per minor version), puts the wheel's
+``nvidia_pytriton.libs`` on ``LD_LIBRARY_PATH`` and the venv's ``bin/`` first on ``PATH`` (so
+model.py imports the venv's numpy and onnxruntime), and binds HTTP, gRPC and metrics to one host.
+
+The server runs in ``--model-control-mode=explicit``; once it answers, the launcher loads the
+persisted live versions and the A/B router (``repository.restore_models``), so a restart serves
+what was served before. Its output goes to ``<state_dir>/tritonserver.log`` and its pid, ports and
+repository to ``<state_dir>/tritonserver.pid`` (JSON), so ``stop`` and ``status`` work from any
+process. Only the standard library is imported here: Dagster code may import this module freely.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from cifar_assets.serving import repository
+from cifar_assets.settings import Settings, get_settings
+
+LOG_FILE = "tritonserver.log"
+PID_FILE = "tritonserver.pid"
+BACKENDS_DIR = "backends"
+LOG_TAIL_LINES = 40
+
+
+class TritonLaunchError(RuntimeError):
+    """The server cannot be started, found or stopped as asked."""
+
+
+class TritonNotInstalledError(TritonLaunchError):
+    """The tritonserver binary (from the nvidia-pytriton wheel) is not where it should be."""
+
+
+class PortInUseError(TritonLaunchError):
+    """A port the server needs is already bound by another process."""
+
+
+@dataclass(frozen=True)
+class TritonDistribution:
+    """The pieces of the nvidia-pytriton wheel that a server needs."""
+
+    binary: Path
+    python_backend: Path  # libtriton_python.so and triton_python_backend_utils.py
+    stub: Path  # triton_python_backend_stub built for this Python
+    libs: Path  # shared libraries the binary and the stub link against
+
+
+def _site_root() -> Path:
+    """The folder holding the installed ``pytriton`` package, found without importing it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise TritonNotInstalledError(
+            "The nvidia-pytriton package is not installed in this Python "
+            f"({sys.executable}); it ships the tritonserver binary. Run "
+            "`pip install nvidia-pytriton` (it is a project dependency: `pip install -e .`)."
+        )
+    return Path(next(iter(spec.submodule_search_locations))).parent
+
+
+def find_distribution(site_root: Path | None = None) -> TritonDistribution:
+    """Locate tritonserver, the python backend and this Python's stub under ``site_root``
+    (default: where pip installed nvidia-pytriton), and check that each one is there."""
+    root = site_root if site_root is not None else _site_root()
+    server_dir = root / "pytriton" / "tritonserver"
+    python_version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stubs = server_dir / "python_backend_stubs"
+    distribution = TritonDistribution(
+        binary=server_dir / "bin" / "tritonserver",
+        python_backend=server_dir / "backends" / "python",
+        stub=stubs / python_version / "triton_python_backend_stub",
+        libs=root / "nvidia_pytriton.libs",
+    )
+    if not distribution.binary.is_file() or not os.access(distribution.binary, os.X_OK):
+        raise TritonNotInstalledError(
+            f"No executable tritonserver at {distribution.binary}. It comes with the "
+            "nvidia-pytriton wheel: run `pip install nvidia-pytriton` (Linux x86_64/aarch64, "
+            "glibc 2.35 or newer)."
+        )
+    if not distribution.stub.is_file():
+        found = sorted(p.name for p in stubs.iterdir()) if stubs.is_dir() else []
+        raise TritonNotInstalledError(
+            f"No python-backend stub for Python {python_version} at {distribution.stub} "
+            f"(the wheel has {found}). Use one of those Python versions, or upgrade with "
+            "`pip install -U nvidia-pytriton`."
+        )
+    for required in (distribution.python_backend / "libtriton_python.so", distribution.libs):
+        if not required.exists():
+            raise TritonNotInstalledError(
+                f"{required} is missing from the nvidia-pytriton installation; reinstall it "
+                "with `pip install --force-reinstall nvidia-pytriton`."
+            )
+    return distribution
+
+
+@dataclass(frozen=True)
+class TritonConfig:
+    """Where the server reads models and keeps state, and where it listens."""
+
+    repo: Path
+    state_dir: Path
+    capture_dir: Path
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    capture_input_sample_rate: float = 0.1
+    ready_timeout_s: float = 120.0
+    stop_timeout_s: float = 30.0
+    site_root: Path | None = None  # where nvidia-pytriton is installed; None finds it
+    extra_args: tuple[str, ...] = field(default=())
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None, **overrides: Any) -> TritonConfig:
+        settings = settings or get_settings()
+        config = cls(
+            repo=settings.triton_repo,
+            state_dir=settings.var_dir / "triton",
+            capture_dir=settings.capture_dir,
+            host=settings.triton_host,
+            http_port=settings.triton_http_port,
+            grpc_port=settings.triton_grpc_port,
+            metrics_port=settings.triton_metrics_port,
+        )
+        return replace(config, **overrides)
+
+    @property
+    def log_path(self) -> Path:
+        return self.state_dir / LOG_FILE
+
+    @property
+    def pid_path(self) -> Path:
+        return self.state_dir / PID_FILE
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics"
+
+    def ports(self) -> dict[str, tuple[int, str, str]]:
+        """name -> (port, environment variable, CLI flag) for the error messages."""
+        return {
+            "HTTP": (self.http_port, "TRITON_HTTP_PORT", "--http-port"),
+            "gRPC": (self.grpc_port, "TRITON_GRPC_PORT", "--grpc-port"),
+            "metrics": (self.metrics_port, "TRITON_METRICS_PORT", "--metrics-port"),
+        }
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    if not path.is_file():
+        return f"(no log at {path})"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def check_ports_free(config: TritonConfig) -> None:
+    """Raise PortInUseError naming the first port that cannot be bound on ``config.host``."""
+    seen: dict[int, str] = {}
+    for name, (port, env_var, flag) in config.ports().items():
+        if port in seen:
+            raise PortInUseError(
+                f"The {name} and {seen[port]} ports are both {port}; give each its own port "
+                f"({env_var} or {flag})."
+            )
+        seen[port] = name
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            # SO_REUSEADDR as tritonserver uses it, so a port in TIME_WAIT does not count as busy.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((config.host, port))
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                raise PortInUseError(
+                    f"The {name} port {config.host}:{port} is already in use by another process. "
+                    f"Stop that process, or choose a free port with {env_var}=<port> or "
+                    f"`cifar-triton start {flag} <port>`."
+                ) from exc
+
+
+def _process_state(pid: int) -> str | None:
+    """'R', 'S', 'Z'... for a live process, None if there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+def _is_tritonserver(pid: int) -> bool:
+    """True if ``pid`` is a live (not zombie) tritonserver: a pid file can outlive its server,
+    and the pid can since belong to another program, which must never be signalled."""
+    state = _process_state(pid)
+    if state is None or state in ("Z", "X"):
+        return False
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+    except OSError:
+        return False
+    return Path(command.decode(errors="replace")).name == "tritonserver"
+
+
+def read_pid_file(state_dir: Path) -> dict[str, Any] | None:
+    path = state_dir / PID_FILE
+    if not path.is_file():
+        return None
+    try:
+        record: dict[str, Any] = json.loads(path.read_text())
+    except ValueError:
+        return None
+    return record
+
+
+def http_ready(host: str, port: int, timeout_s: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(
+            f"http://{host}:{port}/v2/health/ready", timeout=timeout_s
+        ) as answer:
+            return bool(answer.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@dataclass(frozen=True)
+class ServerStatus:
+    running: bool
+    ready: bool
+    pid: int | None
+    http_url: str | None
+    grpc_url: str | None
+    metrics_url: str | None
+    repo: str | None
+    log: str
+    live_versions: list[int]
+    ab_weights: dict[int, float]
+
+
+def server_status(config: TritonConfig) -> ServerStatus:
+    """What the pid file in ``config.state_dir`` says, checked against the live process."""
+    record = read_pid_file(config.state_dir)
+    running = record is not None and _is_tritonserver(int(record["pid"]))
+    host = record["host"] if record else config.host
+    return ServerStatus(
+        running=running,
+        ready=bool(running and record and http_ready(host, int(record["http_port"]))),
+        pid=int(record["pid"]) if running and record else None,
+        http_url=f"{host}:{record['http_port']}" if running and record else None,
+        grpc_url=f"{host}:{record['grpc_port']}" if running and record else None,
+        metrics_url=f"http://{host}:{record['metrics_port']}/metrics"
+        if running and record
+        else None,
+        repo=record["repo"] if running and record else None,
+        log=str(config.log_path),
+        live_versions=repository.read_live_versions(config.state_dir),
+        ab_weights=repository.read_ab_weights(config.state_dir),
+    )
+
+
+def _post_json(host: str, port: int, path: str, body: Any, timeout_s: float) -> Any:
+    request = urllib.request.Request(
+        f"http://{host}:{port}{path}",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=timeout_s) as answer:
+        payload = answer.read()
+    return json.loads(payload) if payload else None
+
+
+def unload_all(host: str, port: int, timeout_s: float) -> bool:
+    """Unload every model through the repository API and wait until none is left.
+
+    Python-backend models run ``finalize`` only when they are unloaded gracefully; on SIGTERM
+    tritonserver first waits for open HTTP keep-alive connections until its exit timeout, and a
+    timed-out exit kills the stubs, so the router's last capture records would be lost.
+    Returns False if the server did not answer or models were still loaded at the deadline.
+    """
+    deadline = time.monotonic() + timeout_s
+    try:
+        index = _post_json(host, port, "/v2/repository/index", {}, timeout_s)
+        for model in {entry["name"] for entry in index if entry.get("state") == "READY"}:
+            _post_json(host, port, f"/v2/repository/models/{model}/unload", {}, timeout_s)
+        while time.monotonic() < deadline:
+            index = _post_json(host, port, "/v2/repository/index", {}, timeout_s)
+            if not any(entry.get("state") in ("READY", "UNLOADING") for entry in index):
+                return True
+            time.sleep(0.05)
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+    return False
+
+
+def _wait_gone(pid: int, process: subprocess.Popen[bytes] | None, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None:
+            if process.poll() is not None:
+                return True
+        elif not _is_tritonserver(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _terminate(pid: int, process: subprocess.Popen[bytes] | None, grace_s: float) -> None:
+    """SIGTERM (Triton then finishes in-flight requests and unloads models, which flushes the
+    router's capture), then SIGKILL if it is still there after ``grace_s``."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    if _wait_gone(pid, process, grace_s):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    _wait_gone(pid, process, 10.0)
+
+
+def stop_server(config: TritonConfig) -> bool:
+    """Stop the server recorded in ``config.state_dir``'s pid file, from any process.
+    Returns False if none was running (a stale pid file is removed)."""
+    record = read_pid_file(config.state_dir)
+    if record is None:
+        return False
+    pid = int(record["pid"])
+    running = _is_tritonserver(pid)
+    if running:
+        unload_all(record["host"], int(record["http_port"]), config.stop_timeout_s)
+        _terminate(pid, None, config.stop_timeout_s)
+    config.pid_path.unlink(missing_ok=True)
+    return running
+
+
+class TritonServer:
+    """One tritonserver process: ``with TritonServer(config) as server: ...`` or
+    ``start()`` / ``stop()``."""
+
+    def __init__(self, config: TritonConfig) -> None:
+        self.config = config
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    @property
+    def http_url(self) -> str:
+        return self.config.http_url
+
+    @property
+    def grpc_url(self) -> str:
+        return self.config.grpc_url
+
+    @property
+    def metrics_url(self) -> str:
+        return self.config.metrics_url
+
+    def _backend_dir(self, distribution: TritonDistribution) -> Path:
+        """A backends/ folder whose python/ holds the wheel's backend and this Python's stub,
+        the layout tritonserver expects (symlinks: nothing is copied)."""
+        python_dir = self.config.state_dir / BACKENDS_DIR / "python"
+        python_dir.mkdir(parents=True, exist_ok=True)
+        links = {
+            "libtriton_python.so": distribution.python_backend / "libtriton_python.so",
+            "triton_python_backend_utils.py": distribution.python_backend
+            / "triton_python_backend_utils.py",
+            "triton_python_backend_stub": distribution.stub,
+        }
+        for name, target in links.items():
+            link = python_dir / name
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            link.symlink_to(target)
+        return python_dir.parent
+
+    def _command(self, distribution: TritonDistribution) -> list[str]:
+        config = self.config
+        return [
+            str(distribution.binary),
+            f"--model-repository={config.repo}",
+            "--model-control-mode=explicit",
+            f"--http-address={config.host}",
+            f"--http-port={config.http_port}",
+            f"--grpc-address={config.host}",
+            f"--grpc-port={config.grpc_port}",
+            f"--metrics-address={config.host}",
+            f"--metrics-port={config.metrics_port}",
+            "--allow-gpu-metrics=false",
+            f"--backend-directory={self._backend_dir(distribution)}",
+            # A prefix of our own: two servers on one machine must not share /dev/shm regions.
+            f"--backend-config=python,shm-region-prefix-name=cifar-{uuid.uuid4().hex[:12]}",
+            # Models are unloaded before SIGTERM (unload_all); what is left to wait for is open
+            # keep-alive connections, which would hold the exit for the whole timeout.
+            "--exit-timeout-secs=3",
+            *config.extra_args,
+        ]
+
+    def _environment(self, distribution: TritonDistribution) -> dict[str, str]:
+        env = dict(os.environ)
+        libraries = [str(distribution.libs), env.get("LD_LIBRARY_PATH", "")]
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in libraries if p)
+        env["PATH"] = os.pathsep.join([sysconfig.get_path("scripts"), env.get("PATH", "")])
+        return env
+
+    def start(self) -> TritonServer:
+        """Start the server, wait until it answers, and load the persisted models."""
+        config = self.config
+        distribution = find_distribution(config.site_root)
+        if not config.repo.is_dir():
+            raise TritonLaunchError(
+                f"Model repository {config.repo} does not exist; set TRITON_MODEL_REPOSITORY "
+                "or --repo to the project's triton_repo/ (or a copy of it)."
+            )
+        record = read_pid_file(config.state_dir)
+        if record is not None and _is_tritonserver(int(record["pid"])):
+            raise TritonLaunchError(
+                f"A tritonserver (pid {record['pid']}, HTTP {record['host']}:"
+                f"{record['http_port']}) is already running for {config.state_dir}; stop it "
+                "with `cifar-triton stop`, or use another CIFAR_VAR_DIR."
+            )
+        check_ports_free(config)
+        repository.install_router(config.repo)
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        if config.log_path.exists():
+            config.log_path.replace(config.log_path.with_suffix(".log.previous"))
+        with config.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                self._command(distribution),
+                env=self._environment(distribution),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                # Its own session: Ctrl-C in the starting shell must not kill a daemonised server.
+                start_new_session=True,
+            )
+        repository.write_json_atomic(
+            config.pid_path,
+            {
+                "pid": self.process.pid,
+                "host": config.host,
+                "http_port": config.http_port,
+                "grpc_port": config.grpc_port,
+                "metrics_port": config.metrics_port,
+                "repo": str(config.repo),
+                "log": str(config.log_path),
+                "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            },
+        )
+        try:
+            self._wait_ready()
+            repository.restore_models(
+                config.http_url,
+                repo=config.repo,
+                state_dir=config.state_dir,
+                capture_dir=config.capture_dir,
+                capture_input_sample_rate=config.capture_input_sample_rate,
+            )
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        if self.process is None:
+            raise TritonLaunchError("The server was not started; call start() first.")
+        deadline = time.monotonic() + self.config.ready_timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise TritonLaunchError(
+                    f"tritonserver exited with code {self.process.returncode} while starting. "
+                    f"Last lines of {self.config.log_path}:\n{log_tail(self.config.log_path)}"
+                )
+            if self.is_ready():
+                return
+            time.sleep(0.1)
+        raise TritonLaunchError(
+            f"tritonserver was not ready after {self.config.ready_timeout_s:.0f} s; raise "
+            f"ready_timeout_s if the machine is busy. Last lines of {self.config.log_path}:\n"
+            f"{log_tail(self.config.log_path)}"
+        )
+
+    def is_ready(self) -> bool:
+        if self.process is None or self.process.poll() is not None:
+            return False
+        return http_ready(self.config.host, self.config.http_port)
+
+    def stop(self) -> None:
+        """SIGTERM, wait up to ``stop_timeout_s``, then SIGKILL; removes the pid file."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            unload_all(self.config.host, self.config.http_port, self.config.stop_timeout_s)
+            _terminate(self.process.pid, self.process, self.config.stop_timeout_s)
+        record = read_pid_file(self.config.state_dir)
+        if record is not None and int(record["pid"]) == self.process.pid:
+            self.config.pid_path.unlink(missing_ok=True)
+        self.process = None
+
+    def wait(self) -> int:
+        """Block until the server exits (``cifar-triton start --foreground``); its exit code."""
+        if self.process is None:
+            raise TritonLaunchError("The server was not started; call start() first.")
+        return self.process.wait()
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()

@@ -1,0 +1,143 @@
+"""Triton python-backend model: one ResNet18 version run with ONNX Runtime.
+
+The repository writer copies this file to ``cifar10_resnet18/<N>/model.py`` beside that version's
+``model.onnx``. It runs inside Triton's python-backend stub, so it is self-contained: numpy and
+onnxruntime only, never the ``cifar_assets`` package.
+
+A request carries exactly one of two inputs: ``images_uint8`` (N, 32, 32, 3) raw pixels, normalised
+here exactly as ``cifar_assets.ml.model.normalise_uint8`` does, or ``input`` (N, 3, 32, 32) float32
+already normalised. A bad request gets an INVALID_ARG error of its own; the other requests of the
+same dynamic batch are still answered, and all valid ones run as one ONNX Runtime call.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+
+UINT8_INPUT = "images_uint8"
+FLOAT_INPUT = "input"
+# Keep in step with cifar_assets.ml.model.CIFAR_MEAN / CIFAR_STD (a test compares the outputs).
+CIFAR_MEAN = np.asarray((0.4914, 0.4822, 0.4465), dtype=np.float32)
+CIFAR_STD = np.asarray((0.2470, 0.2435, 0.2616), dtype=np.float32)
+
+
+def normalise_uint8(images: np.ndarray) -> np.ndarray:
+    scaled = images.astype(np.float32) / 255.0
+    return np.ascontiguousarray(((scaled - CIFAR_MEAN) / CIFAR_STD).transpose(0, 3, 1, 2))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return (shifted / shifted.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def invalid(message: str) -> Any:
+    return pb_utils.InferenceResponse(
+        error=pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
+    )
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, str]) -> None:
+        config = json.loads(args["model_config"])
+        self.model_name = config["name"]
+        self.version = int(args["model_version"])
+        self.max_batch_size = int(config.get("max_batch_size", 0))
+        parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        onnx_path = Path(args["model_repository"]) / str(self.version) / "model.onnx"
+        if not onnx_path.is_file():
+            raise pb_utils.TritonModelException(
+                f"{onnx_path} is missing: write the version with "
+                "cifar_assets.serving.repository.write_version before loading it."
+            )
+        options = ort.SessionOptions()
+        # The cores are shared with the HTTP/gRPC threads and the router's stub: thread count
+        # and spinning come from the config (see its comment for the measurements).
+        options.intra_op_num_threads = int(parameters.get("intra_op_threads", "1"))
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry(
+            "session.intra_op.allow_spinning", parameters.get("allow_spinning", "0")
+        )
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        self.session: ort.InferenceSession | None = ort.InferenceSession(
+            str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+        self.onnx_input = self.session.get_inputs()[0].name
+        self.onnx_output = self.session.get_outputs()[0].name
+
+    def _read_request(self, request: Any) -> np.ndarray | str:
+        """The request's images as normalised float32 NCHW, or the reason it is rejected."""
+        images = pb_utils.get_input_tensor_by_name(request, UINT8_INPUT)
+        floats = pb_utils.get_input_tensor_by_name(request, FLOAT_INPUT)
+        where = f"{self.model_name} version {self.version}"
+        if (images is None) == (floats is None):
+            given = "both" if images is not None else "neither"
+            return (
+                f"{where}: send exactly one of the inputs '{UINT8_INPUT}' (uint8 N,32,32,3) or "
+                f"'{FLOAT_INPUT}' (normalised float32 N,3,32,32); this request had {given}."
+            )
+        if images is not None:
+            array = images.as_numpy()
+            if array.dtype != np.uint8 or array.shape[1:] != (32, 32, 3):
+                return (
+                    f"{where}: '{UINT8_INPUT}' must be uint8 (N, 32, 32, 3), got "
+                    f"{array.dtype} {array.shape}."
+                )
+            batch = normalise_uint8(array)
+        else:
+            batch = floats.as_numpy()
+            if batch.dtype != np.float32 or batch.shape[1:] != (3, 32, 32):
+                return (
+                    f"{where}: '{FLOAT_INPUT}' must be float32 (N, 3, 32, 32), got "
+                    f"{batch.dtype} {batch.shape}."
+                )
+            if not np.isfinite(batch).all():
+                return (
+                    f"{where}: '{FLOAT_INPUT}' holds NaN or infinite values; send normalised "
+                    f"finite pixels, or raw pixels as '{UINT8_INPUT}'."
+                )
+        if batch.shape[0] == 0:
+            return f"{where}: the request holds no images; send at least one."
+        if self.max_batch_size and batch.shape[0] > self.max_batch_size:
+            return (
+                f"{where}: {batch.shape[0]} images in one request, at most "
+                f"{self.max_batch_size}; split the request."
+            )
+        return batch
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        session = self.session
+        if session is None:
+            raise pb_utils.TritonModelException(f"{self.model_name} was finalized; load it again.")
+        responses: list[Any] = [None] * len(requests)
+        batches: list[np.ndarray] = []
+        valid: list[int] = []
+        for index, request in enumerate(requests):
+            batch = self._read_request(request)
+            if isinstance(batch, str):
+                responses[index] = invalid(batch)
+            else:
+                batches.append(batch)
+                valid.append(index)
+        if batches:
+            joined = batches[0] if len(batches) == 1 else np.concatenate(batches)
+            logits = session.run([self.onnx_output], {self.onnx_input: joined})[0]
+            logits = np.ascontiguousarray(logits, dtype=np.float32)
+            start = 0
+            for index, batch in zip(valid, batches, strict=True):
+                part = logits[start : start + batch.shape[0]]
+                start += batch.shape[0]
+                outputs = [pb_utils.Tensor("logits", part)]
+                if "probabilities" in requests[index].requested_output_names():
+                    outputs.append(pb_utils.Tensor("probabilities", softmax(part)))
+                responses[index] = pb_utils.InferenceResponse(output_tensors=outputs)
+        return responses
+
+    def finalize(self) -> None:
+        self.session = None
