@@ -66,6 +66,32 @@ class TritonDeployment:
     grpc_url: str
 
 
+@dataclass(frozen=True)
+class DriftBaselineRef:
+    path: str
+    model_version: str
+    model_dir: str
+
+
+@dataclass(frozen=True)
+class DriftVerdict:
+    batch: str
+    drift: bool
+    score: float
+    labelled: bool
+    model_version: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ABTestSummary:
+    control: int
+    treatment: int
+    decision: str
+    reason: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
 ARTIFACT_TYPES: dict[str, type] = {
     cls.__name__: cls
     for cls in (
@@ -75,5 +101,8 @@ ARTIFACT_TYPES: dict[str, type] = {
         RegisteredModel,
         OnnxModel,
         TritonDeployment,
+        DriftBaselineRef,
+        DriftVerdict,
+        ABTestSummary,
     )
 }

@@ -17,6 +17,19 @@ from cifar_assets import artifacts
 from cifar_assets.settings import get_settings
 
 
+def stored_value_stem(root: Path, asset_path: list[str], partition: str | None) -> Path:
+    """Where an asset's value lives, less its suffix: ``root/<asset key>/[<partition>/]value``."""
+    path = root.joinpath(*asset_path)
+    return (path / partition if partition else path) / "value"
+
+
+def stored_value_path(asset: str, partition: str | None = None) -> Path:
+    """The stored file of an ImageSet asset (e.g. an ``incoming_batch`` partition), for run
+    config that hands it to another job."""
+    stem = stored_value_stem(get_settings().storage_dir, [asset], partition)
+    return stem.with_suffix(".imageset.npz")
+
+
 class LocalStorageIOManager(dg.ConfigurableIOManager):
     """Stores each asset (and partition) under ``base_dir/<asset key>/``."""
 
@@ -26,10 +39,8 @@ class LocalStorageIOManager(dg.ConfigurableIOManager):
         return Path(self.base_dir) if self.base_dir else get_settings().storage_dir
 
     def _stem(self, context: dg.OutputContext | dg.InputContext) -> Path:
-        path = self._root().joinpath(*context.asset_key.path)
-        if context.has_asset_partitions:
-            path = path / context.asset_partition_key
-        return path / "value"
+        partition = context.asset_partition_key if context.has_asset_partitions else None
+        return stored_value_stem(self._root(), list(context.asset_key.path), partition)
 
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
         from cifar_assets.data import imageset
@@ -108,7 +119,8 @@ class MLflowResource(dg.ConfigurableResource):
 
 
 class TritonResource(dg.ConfigurableResource):
-    """The Triton server the deployment asset talks to; started on demand when it is local."""
+    """The Triton server the deployment asset talks to; a local one is started on demand and
+    keeps running after the step (it lives in its own session)."""
 
     host: str = ""
     http_port: int = 0
@@ -117,14 +129,40 @@ class TritonResource(dg.ConfigurableResource):
     model_repository: str = ""
     start_if_down: bool = True
 
-    def resolved(self) -> dict[str, Any]:
-        settings = get_settings()
-        return {
-            "host": self.host or settings.triton_host,
-            "http_port": self.http_port or settings.triton_http_port,
-            "grpc_port": self.grpc_port or settings.triton_grpc_port,
-            "metrics_port": self.metrics_port or settings.triton_metrics_port,
-            "repository": Path(self.model_repository)
-            if self.model_repository
-            else settings.triton_repo,
+    def server_config(self) -> Any:
+        from cifar_assets.serving.launcher import TritonConfig
+
+        overrides: dict[str, Any] = {
+            key: value
+            for key, value in {
+                "host": self.host,
+                "http_port": self.http_port,
+                "grpc_port": self.grpc_port,
+                "metrics_port": self.metrics_port,
+            }.items()
+            if value
         }
+        if self.model_repository:
+            overrides["repo"] = Path(self.model_repository)
+        return TritonConfig.from_settings(**overrides)
+
+    def ensure_running(self, log: Any) -> Any:
+        """A running server for this config, started here when it is down and allowed to."""
+        from cifar_assets.serving.launcher import TritonServer, server_status
+
+        config = self.server_config()
+        status = server_status(config)
+        if not status.ready:
+            if not self.start_if_down:
+                raise dg.Failure(
+                    f"Triton is not ready at {config.http_url}; start it with `cifar-triton "
+                    "start`, or set start_if_down on the triton resource."
+                )
+            log.info(f"Starting tritonserver on {config.http_url} (log: {config.log_path})")
+            TritonServer(config).start()
+        return _RunningServer(config)
+
+
+class _RunningServer:
+    def __init__(self, config: Any) -> None:
+        self.config = config

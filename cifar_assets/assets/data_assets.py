@@ -23,6 +23,11 @@ class RawDataConfig(dg.Config):
     num_images: int = Field(default=3000, description="synthetic only: how many images.")
     seed: int = Field(default=0, description="synthetic only: generator seed.")
     image_folder: str = Field(default="", description="image_folder only: the root folder.")
+    extra_batches: list[str] = Field(
+        default=[],
+        description="Stored labelled ImageSet files (.imageset.npz, e.g. incoming_batch "
+        "partitions) added to the pool; set by the retraining sensor.",
+    )
     on_error: Literal["fail", "skip"] = Field(
         default="fail",
         description="image_folder only: fail on unreadable files and unknown class folders, "
@@ -67,6 +72,8 @@ def cifar10_raw(context: dg.AssetExecutionContext, config: RawDataConfig) -> dg.
         pool, report = load_image_folder(Path(config.image_folder), on_error=config.on_error)
         raw = RawData(pool)
         metadata["folder_report"] = dg.MetadataValue.json(report.to_dict())
+    if config.extra_batches:
+        raw = _with_extra_batches(context, raw, config.extra_batches)
     counts = raw.pool.class_counts()
     context.log.info(f"Loaded {len(raw.pool)} images from {config.source}")
     metadata |= {
@@ -76,6 +83,35 @@ def cifar10_raw(context: dg.AssetExecutionContext, config: RawDataConfig) -> dg.
         "content_hash": raw.fingerprint(),
     }
     return dg.Output(raw, data_version=dg.DataVersion(raw.fingerprint()), metadata=metadata)
+
+
+def _with_extra_batches(
+    context: dg.AssetExecutionContext, raw: RawData, paths: list[str]
+) -> RawData:
+    import numpy as np
+
+    from cifar_assets.data.imageset import ImageSet, load_imageset
+
+    images, labels = [raw.pool.images], [raw.pool.labels]
+    for path in paths:
+        if not Path(path).is_file():
+            raise dg.Failure(
+                f"extra_batches: {path} does not exist. Materialize that incoming_batch "
+                "partition first, or remove it from the run config."
+            )
+        batch = load_imageset(Path(path))
+        if not batch.is_labelled:
+            raise dg.Failure(
+                f"extra_batches: {path} has unlabelled images; only labelled batches can join "
+                "the training data. Attach labels (feedback) or drop it from the run config."
+            )
+        context.log.info(f"Adding {len(batch)} labelled images from {path}")
+        images.append(batch.images)
+        labels.append(batch.labels)
+    pool = ImageSet.from_arrays(
+        np.concatenate(images), np.concatenate(labels), f"{raw.pool.source}+{len(paths)} batches"
+    )
+    return RawData(pool, raw.official_test)
 
 
 @dg.asset(

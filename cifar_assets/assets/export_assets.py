@@ -47,7 +47,9 @@ def onnx_model(
     fp32 = export_onnx(model, out_dir / "model.onnx")
     held_out = cifar10_splits.validation.images[: config.parity_images]
     parity = check_parity(model, fp32, held_out)
-    context.log.info(f"Parity: top-1 agreement {parity.top1_agreement:.4f}, max |diff| {parity.max_abs_diff:.2e}")
+    context.log.info(
+        f"Parity: top-1 agreement {parity.top1_agreement:.4f}, max |diff| {parity.max_abs_diff:.2e}"
+    )
     require_parity(parity, min_agreement=config.min_top1_agreement)
     report: dict[str, object] = {
         "top1_agreement": parity.top1_agreement,
@@ -56,16 +58,19 @@ def onnx_model(
     int8_path: Path | None = None
     if config.quantize:
         candidate = quantize_int8(
-            fp32, out_dir / "model.int8.onnx", cifar10_splits.train.images[: config.calibration_images]
+            fp32,
+            out_dir / "model.int8.onnx",
+            cifar10_splits.train.images[: config.calibration_images],
         )
         test = cifar10_splits.test
         quant = compare_int8(fp32, candidate, test.images, test.labels)
         report |= {f"int8_{k}": v for k, v in vars(quant).items()}
-        if quant.accuracy_delta_points <= config.int8_tolerance_points:
+        lost_points = -quant.accuracy_delta_points
+        if lost_points <= config.int8_tolerance_points:
             int8_path = candidate
         else:
             context.log.warning(
-                f"INT8 lost {quant.accuracy_delta_points:.2f} points (tolerance "
+                f"INT8 lost {lost_points:.2f} points (tolerance "
                 f"{config.int8_tolerance_points}); keeping FP32 only."
             )
             candidate.unlink()

@@ -10,6 +10,11 @@ from cifar_assets.resources import MLflowResource
 
 
 class RegistrationConfig(dg.Config):
+    promote_automatically: bool = Field(
+        default=True,
+        description="Let the gate make the new version champion; retraining runs turn this off "
+        "so a challenger earns promotion through the A/B test instead.",
+    )
     gate_metric: str = Field(default="accuracy", description="Test metric the gate compares.")
     promotion_margin: float = Field(
         default=0.005,
@@ -49,15 +54,23 @@ def registered_model(
         tags={"dagster_run_id": context.run_id},
         name=name,
     )
-    # The champion was re-evaluated on this run's test split, so the gate compares like with like.
-    decision = registry.gate(
-        mlflow.uri(),
-        version.version,
-        metric=config.gate_metric,
-        margin=config.promotion_margin,
-        name=name,
-        champion_metrics=model_evaluation.champion_metrics,
-    )
+    if config.promote_automatically:
+        # The champion was re-evaluated on this run's test split: the gate compares like with like.
+        decision = registry.gate(
+            mlflow.uri(),
+            version.version,
+            metric=config.gate_metric,
+            margin=config.promotion_margin,
+            name=name,
+            champion_metrics=model_evaluation.champion_metrics,
+        )
+    else:
+        decision = registry.hold_as_challenger(
+            mlflow.uri(),
+            version.version,
+            reason="retraining run: stays challenger until the A/B test decides",
+            name=name,
+        )
     context.log.info(f"Version {version.version}: {decision.reason}")
     return dg.Output(
         RegisteredModel(

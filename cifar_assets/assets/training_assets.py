@@ -165,6 +165,8 @@ def model_evaluation(
     trained_model: TrainedModel,
     cifar10_splits: Splits,
 ) -> dg.Output[ModelEvaluation]:
+    import pandas as pd
+
     from cifar_assets.ml import registry, tracking
     from cifar_assets.ml.evaluation import (
         compare,
@@ -182,17 +184,32 @@ def model_evaluation(
     plots.mkdir(exist_ok=True)
     confusion = confusion_matrix_png(evaluation, plots / "confusion_matrix.png")
     per_class = per_class_accuracy_png(evaluation, plots / "per_class_accuracy.png")
-    metrics = evaluation.scalar_metrics()
+    metrics = evaluation.scalars()
     run_id = trained_model.mlflow_run_id
-    tracking.log_epoch_metrics(mlflow.uri(), run_id, 0, {f"test_{k}": v for k, v in metrics.items()})
+    tracking.log_epoch_metrics(
+        mlflow.uri(), run_id, 0, {f"test_{k}": v for k, v in metrics.items()}
+    )
     for plot in (confusion, per_class):
         tracking.log_artifact(mlflow.uri(), run_id, plot, "plots")
 
-    champion = registry.get_champion(mlflow.uri(), name=mlflow.registered_model_name())
+    try:
+        champion = registry.get_champion(mlflow.uri(), name=mlflow.registered_model_name())
+    except registry.RegistryLookupError:  # nothing registered yet: the first model
+        champion = None
     champion_metrics = None
     metadata: dict[str, object] = {
         **{k: float(v) for k, v in metrics.items()},
-        "per_class": table(evaluation.per_class_frame()),
+        "per_class": table(
+            pd.DataFrame(
+                {
+                    "class": evaluation.class_names,
+                    "precision": evaluation.precision.round(4),
+                    "recall": evaluation.recall.round(4),
+                    "f1": evaluation.f1.round(4),
+                    "support": evaluation.support,
+                }
+            )
+        ),
         "confusion_matrix": image(confusion, "confusion matrix"),
         "per_class_accuracy": image(per_class, "per-class accuracy"),
     }
@@ -201,11 +218,16 @@ def model_evaluation(
             mlflow.uri(), champion.version, name=mlflow.registered_model_name()
         )
         champion_eval = evaluate(predict_logits(champion_model, test.images), test.labels)
-        champion_metrics = champion_eval.scalar_metrics()
+        champion_metrics = champion_eval.scalars()
         difference = compare(evaluation, champion_eval)
         metadata["champion_version"] = str(champion.version)
-        metadata["vs_champion"] = dg.MetadataValue.json(difference)
-        context.log.info(f"Against champion v{champion.version}: {difference}")
+        metadata["vs_champion"] = table(
+            pd.DataFrame([{"metric": name, **values} for name, values in difference.items()]).round(
+                4
+            )
+        )
+        delta = difference["accuracy"]["delta"]
+        context.log.info(f"Accuracy against champion v{champion.version}: {delta:+.4f}")
     return dg.Output(
         ModelEvaluation(
             mlflow_run_id=trained_model.mlflow_run_id,

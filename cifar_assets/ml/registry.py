@@ -638,6 +638,18 @@ def gate(
     return decision
 
 
+def hold_as_challenger(
+    tracking_uri: str, version: int, reason: str, name: str = DEFAULT_MODEL_NAME
+) -> PromotionDecision:
+    """Record that ``version`` skips the gate and stays challenger (an A/B test decides)."""
+    decision = PromotionDecision(False, reason)
+    client = client_for(tracking_uri)
+    get_version(tracking_uri, version, name)
+    client.set_model_version_tag(name, str(version), GATE_DECISION_TAG, "not promoted")
+    client.set_model_version_tag(name, str(version), GATE_REASON_TAG, reason)
+    return decision
+
+
 def _previous_champions(moves: list[AliasMove]) -> list[int]:
     """Replay champion moves into a stack of earlier champions: a move back to the top of the
     stack (a rollback) pops it, so rolling back twice goes back two releases."""

@@ -1,0 +1,243 @@
+"""Monitoring stage: ``drift_baseline`` (detectors fitted on held-out data), ``incoming_batch``
+(one dynamic partition per batch of production data) and ``drift_report`` (per batch)."""
+
+from pathlib import Path
+
+import dagster as dg
+from pydantic import Field
+
+from cifar_assets.artifacts import (
+    ABTestSummary,
+    DriftBaselineRef,
+    DriftVerdict,
+    RegisteredModel,
+    TrainedModel,
+    TritonDeployment,
+)
+from cifar_assets.assets.metadata import image, table
+from cifar_assets.data.imageset import ImageSet, Splits
+from cifar_assets.resources import TritonResource
+from cifar_assets.settings import get_settings
+
+MONITORING_GROUP = "monitoring"
+incoming_batches = dg.DynamicPartitionsDefinition(name="incoming_batches")
+
+
+class DriftBaselineConfig(dg.Config):
+    p_val: float = Field(default=0.05, description="Significance level of every drift test.")
+    n_permutations: int = Field(default=100, description="MMD permutation test size.")
+    reference_images: int = Field(default=1000, description="Validation images used as reference.")
+
+
+@dg.asset(
+    group_name=MONITORING_GROUP,
+    kinds={"pytorch", "alibi-detect"},
+    owners=["team:ml-platform"],
+    code_version="1",
+    description="Drift detectors (MMD on embeddings, KS on softmax, uncertainty, per-feature KS) "
+    "fitted on the validation split, versioned with the registered model they belong to.",
+)
+def drift_baseline(
+    context: dg.AssetExecutionContext,
+    config: DriftBaselineConfig,
+    trained_model: TrainedModel,
+    registered_model: RegisteredModel,
+    cifar10_splits: Splits,
+) -> dg.Output[DriftBaselineRef]:
+    from cifar_assets.data.features import compute_features
+    from cifar_assets.drift.baseline import fit_baseline
+    from cifar_assets.ml.embeddings import embed, predict_proba
+    from cifar_assets.ml.model import load_model
+
+    reference = cifar10_splits.validation.subset(slice(0, config.reference_images))  # type: ignore[arg-type]
+    model = load_model(Path(trained_model.model_dir))
+    context.log.info(f"Embedding {len(reference)} validation images for the drift reference")
+    baseline = fit_baseline(
+        embed(model, reference.images),
+        predict_proba(model, reference.images),
+        compute_features(reference),
+        reference.labels,
+        model_version=str(registered_model.version),
+        p_val=config.p_val,
+        n_permutations=config.n_permutations,
+    )
+    directory = get_settings().storage_dir / "drift_baseline" / f"v{registered_model.version}"
+    baseline.save(directory)
+    return dg.Output(
+        DriftBaselineRef(str(directory), str(registered_model.version), trained_model.model_dir),
+        metadata={
+            "path": dg.MetadataValue.path(str(directory)),
+            "model_version": registered_model.version,
+            "reference_images": len(reference),
+            "reference_accuracy": baseline.reference_accuracy or 0.0,
+            "p_val": config.p_val,
+        },
+    )
+
+
+@dg.asset(
+    group_name=MONITORING_GROUP,
+    partitions_def=incoming_batches,
+    kinds={"numpy"},
+    owners=["team:ml-platform"],
+    code_version="1",
+    description="One batch of production data: a file or folder dropped into CIFAR_INCOMING_DIR, "
+    "or the images the A/B router captured in a time window (partition 'capture-...').",
+)
+def incoming_batch(context: dg.AssetExecutionContext) -> dg.Output[ImageSet]:
+    from cifar_assets.drift.incoming import load_partition
+
+    settings = get_settings()
+    batch = load_partition(context.partition_key, settings.incoming_dir, settings.capture_dir)
+    labelled = int((batch.labels >= 0).sum())
+    return dg.Output(
+        batch,
+        data_version=dg.DataVersion(batch.fingerprint()),
+        metadata={"images": len(batch), "labelled": labelled, "source": batch.source},
+    )
+
+
+@dg.asset(
+    group_name=MONITORING_GROUP,
+    partitions_def=incoming_batches,
+    kinds={"alibi-detect"},
+    owners=["team:ml-platform"],
+    code_version="1",
+    description="Drift verdict for one batch: every detector's p-value, distance and threshold, "
+    "the moved features, and accuracy against the baseline when the batch has labels.",
+)
+def drift_report(
+    context: dg.AssetExecutionContext,
+    incoming_batch: ImageSet,
+    drift_baseline: DriftBaselineRef,
+) -> dg.Output[DriftVerdict]:
+    import pandas as pd
+
+    from cifar_assets.data.features import compute_features
+    from cifar_assets.drift.baseline import DriftBaseline
+    from cifar_assets.drift.report import check_batch, feature_distribution_png
+    from cifar_assets.ml.embeddings import embed, predict_proba
+    from cifar_assets.ml.model import load_model
+
+    baseline = DriftBaseline.load(Path(drift_baseline.path))
+    model = load_model(Path(drift_baseline.model_dir))
+    features = compute_features(incoming_batch)
+    labels = incoming_batch.labels if (incoming_batch.labels >= 0).any() else None
+    report = check_batch(
+        baseline,
+        embed(model, incoming_batch.images),
+        predict_proba(model, incoming_batch.images),
+        features,
+        labels,
+    )
+    out_dir = get_settings().storage_dir / "drift_report" / context.partition_key
+    out_dir.mkdir(parents=True, exist_ok=True)
+    details = report.to_dict()
+    detectors = pd.DataFrame(
+        [
+            {"detector": name, **{k: v for k, v in d.items() if k != "details"}}
+            for name, d in details["detectors"].items()
+        ]
+    )
+    metadata: dict[str, object] = {
+        "drift": report.drift,
+        "data_drift": report.data_drift,
+        "model_drift": report.model_drift,
+        "score": report.score,
+        "images": report.n,
+        "moved_features": dg.MetadataValue.json(report.moved_features),
+        "detectors": table(detectors),
+        "batch_accuracy": report.batch_accuracy if report.batch_accuracy is not None else -1.0,
+        "labelled": labels is not None,
+    }
+    if report.moved_features:
+        plot = feature_distribution_png(
+            baseline.features.reference_features(),
+            features,
+            report.moved_features,
+            out_dir / "moved_features.png",
+        )
+        metadata["moved_feature_distributions"] = image(plot, "moved features")
+    context.log.info(
+        f"Batch {context.partition_key}: drift={report.drift} score={report.score:.3f} "
+        f"moved={report.moved_features[:5]}"
+    )
+    return dg.Output(
+        DriftVerdict(
+            batch=context.partition_key,
+            drift=report.drift,
+            score=report.score,
+            labelled=labels is not None,
+            model_version=report.model_version,
+            details=details,
+        ),
+        metadata=metadata,
+    )
+
+
+class ABTestConfig(dg.Config):
+    alpha: float = Field(default=0.05, description="Significance level of the sequential test.")
+    min_effect: float = Field(
+        default=0.02, description="Accuracy difference the fixed-horizon sample size targets."
+    )
+
+
+@dg.asset(
+    group_name=MONITORING_GROUP,
+    kinds={"triton", "scipy"},
+    owners=["team:ml-platform"],
+    code_version="1",
+    description="The running A/B test from captured traffic and feedback: per-version requests, "
+    "accuracy with confidence intervals, latency p50/p95, a sample-ratio-mismatch check, an "
+    "always-valid sequential test, and a decision (promote, keep_testing, rollback).",
+)
+def ab_test_report(
+    context: dg.AssetExecutionContext,
+    config: ABTestConfig,
+    triton: TritonResource,
+    triton_deployment: TritonDeployment,
+) -> dg.Output[ABTestSummary]:
+    import pandas as pd
+
+    from cifar_assets.drift.ab_stats import ab_results_png, analyse_ab
+    from cifar_assets.serving import repository
+    from cifar_assets.serving.capture import read_capture, read_feedback
+
+    server = triton.server_config()
+    weights = repository.read_ab_weights(server.state_dir)
+    if len(weights) != 2:
+        raise dg.Failure(
+            f"No A/B test is running: the router's weights are {weights or 'unset'}. Deploy a "
+            "challenger (triton_deployment with role=challenger) first."
+        )
+    control = max(weights, key=lambda v: weights[v])
+    treatment = min(weights, key=lambda v: weights[v])
+    capture = read_capture(server.capture_dir)
+    feedback = read_feedback(server.capture_dir)[["request_id", "item", "label"]]
+    records = capture.merge(feedback, on=["request_id", "item"], how="left")
+    records["correct"] = (records["predicted_class"] == records["label"]).where(
+        records["label"].notna()
+    )
+    records = records[records["served_version"].isin(list(weights))]
+    report = analyse_ab(records, weights, control, treatment, config.alpha, config.min_effect)
+    out_dir = get_settings().storage_dir / "ab_test_report"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot = ab_results_png(report, out_dir / "ab_results.png")
+    per_version = pd.DataFrame(
+        [{"version": v, **vars(s)} for v, s in report.versions.items()]
+    ).round(4)
+    context.log.info(f"A/B v{control} vs v{treatment}: {report.decision}: {report.reason}")
+    return dg.Output(
+        ABTestSummary(control, treatment, report.decision, report.reason, report.to_dict()),
+        metadata={
+            "decision": report.decision,
+            "reason": report.reason,
+            "control": control,
+            "treatment": treatment,
+            "srm_p_value": report.srm.p_value,
+            "sequential_p_value": report.accuracy_test.p_value,
+            "fixed_horizon_n_per_arm": report.fixed_horizon_n_per_arm,
+            "per_version": table(per_version),
+            "ab_results": image(plot, "A/B results"),
+        },
+    )
