@@ -1,0 +1,158 @@
+"""ONNX export of the ResNet18 with a dynamic batch dimension, and the parity check against PyTorch.
+
+The exported graph takes ``input``: normalised float32 (N, 3, 32, 32) (see
+``cifar_assets.ml.model.normalise_uint8``) and returns ``logits``: float32 (N, 10).
+
+Exporter: torch.onnx's dynamo (torch.export-based) exporter, the default since torch 2.9. The
+legacy TorchScript exporter still works in torch 2.14 but is deprecated and warns on every call.
+The dynamo exporter writes opset 18; asked for 17 it fails to down-convert this graph (the ONNX
+version converter rejects its ReduceMean) and silently keeps 18, so 18 is the default and lower
+opsets are refused. ONNX Runtime has run opset 18 since 1.14, Triton 2.51's ORT included.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import onnxruntime
+    import torch
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+DEFAULT_OPSET = 18
+
+
+class ParityError(RuntimeError):
+    """The ONNX model's predictions differ from the PyTorch model's beyond tolerance."""
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    top1_agreement: float  # share of images where both models predict the same class
+    max_abs_diff: float  # largest absolute logit difference over all images and classes
+    n: int
+
+
+def export_onnx(model: torch.nn.Module, path: Path, opset: int = DEFAULT_OPSET) -> Path:
+    """Write ``model`` (unchanged; a CPU copy in eval mode is exported) as one self-contained
+    ONNX file with a dynamic batch dimension; returns ``path``."""
+    import onnx
+    import torch
+
+    if opset < DEFAULT_OPSET:
+        raise ValueError(
+            f"opset {opset} is not supported: the dynamo exporter cannot down-convert this "
+            f"graph below opset {DEFAULT_OPSET}. Use opset >= {DEFAULT_OPSET}; ONNX Runtime >= "
+            "1.14 (and Triton >= 23.02) runs it."
+        )
+    exportable = copy.deepcopy(model).to("cpu").eval()
+    # Batch 2 rather than 1: torch.export specialises dimensions of size 0 and 1 to constants.
+    example = torch.zeros(2, 3, 32, 32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.onnx.export(
+        exportable,
+        (example,),
+        str(tmp),
+        dynamo=True,
+        external_data=False,
+        opset_version=opset,
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
+        verbose=False,
+    )
+    exported = onnx.load(str(tmp))
+    onnx.checker.check_model(exported)
+    written_opset = next(entry.version for entry in exported.opset_import if entry.domain == "")
+    if written_opset != opset:
+        tmp.unlink()
+        raise RuntimeError(
+            f"torch.onnx wrote opset {written_opset} instead of the requested {opset} for {path}; "
+            f"export with opset={written_opset}, or upgrade torch and onnxscript."
+        )
+    tmp.replace(path)
+    return path
+
+
+def ort_session(path: Path, threads: int | None = None) -> onnxruntime.InferenceSession:
+    """A CPU ONNX Runtime session over an exported model; checks the input and output names."""
+    import onnxruntime
+
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"ONNX model {path} does not exist. Export it first with export_onnx (or "
+            "re-materialize the onnx_model asset)."
+        )
+    options = onnxruntime.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    session = onnxruntime.InferenceSession(
+        str(path), sess_options=options, providers=["CPUExecutionProvider"]
+    )
+    inputs = [node.name for node in session.get_inputs()]
+    outputs = [node.name for node in session.get_outputs()]
+    if inputs != [INPUT_NAME] or OUTPUT_NAME not in outputs:
+        raise ValueError(
+            f"ONNX model {path} has inputs {inputs} and outputs {outputs}; expected input "
+            f"{INPUT_NAME!r} and output {OUTPUT_NAME!r}. Re-export it with export_onnx."
+        )
+    return session
+
+
+def run_onnx(
+    session: onnxruntime.InferenceSession, images: np.ndarray, batch_size: int = 64
+) -> np.ndarray:
+    """float32 logits (N, classes) of uint8 images (N, 32, 32, 3) through an ONNX session."""
+    from cifar_assets.ml.model import normalise_uint8
+
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
+        raise ValueError(
+            f"Expected uint8 images shaped (N, 32, 32, 3), got {images.dtype} {images.shape}; "
+            "pass raw pixels (ImageSet.images), not normalised network input."
+        )
+    outputs = [
+        session.run(
+            [OUTPUT_NAME], {INPUT_NAME: normalise_uint8(images[start : start + batch_size])}
+        )[0]
+        for start in range(0, len(images), batch_size)
+    ]
+    return np.concatenate(outputs).astype(np.float32, copy=False)
+
+
+def check_parity(
+    model: torch.nn.Module, onnx_path: Path, images: np.ndarray, batch_size: int = 64
+) -> ParityReport:
+    """Compare the PyTorch model (on CPU) and the ONNX model on the same uint8 images."""
+    from cifar_assets.ml.evaluation import predict_logits
+
+    if len(images) == 0:
+        raise ValueError(f"check_parity needs at least one image to compare {onnx_path} on.")
+    reference = predict_logits(model, images, batch_size=batch_size)
+    exported = run_onnx(ort_session(onnx_path), images, batch_size=batch_size)
+    return ParityReport(
+        top1_agreement=float((reference.argmax(1) == exported.argmax(1)).mean()),
+        max_abs_diff=float(np.abs(reference - exported).max()),
+        n=len(images),
+    )
+
+
+def require_parity(
+    report: ParityReport, min_agreement: float = 0.999, max_abs_diff: float = 1e-3
+) -> None:
+    """Raise ParityError unless the export agrees with PyTorch within tolerance."""
+    if report.top1_agreement >= min_agreement and report.max_abs_diff <= max_abs_diff:
+        return
+    raise ParityError(
+        f"The ONNX export disagrees with the PyTorch model on {report.n} images: top-1 "
+        f"agreement {report.top1_agreement:.4f} (required >= {min_agreement}), max |logit "
+        f"difference| {report.max_abs_diff:.3g} (allowed <= {max_abs_diff:g}). Do not serve this "
+        "file: re-export it from the same weights with export_onnx, and if the gap persists "
+        "check the torch, onnxscript and onnxruntime versions."
+    )
