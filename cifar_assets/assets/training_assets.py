@@ -38,6 +38,9 @@ class TrainingConfig(dg.Config):
     seed: int = Field(default=_DEFAULTS.seed)
     device: Literal["auto", "cpu", "cuda"] = Field(default=_DEFAULTS.device)
     compile: bool = Field(default=_DEFAULTS.compile, description="torch.compile (GPU runs).")
+    mixed_precision: bool = Field(
+        default=_DEFAULTS.mixed_precision, description="bf16 autocast + channels_last on CUDA."
+    )
     max_steps: int | None = Field(default=None, description="Cap on optimizer steps.")
     num_threads: int | None = Field(default=None, description="CPU threads for torch.")
 
