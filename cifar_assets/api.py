@@ -155,7 +155,7 @@ def champion_at(
     return registry.champion_at(_uri(tracking_uri), when, _name(name))
 
 
-def export_onnx(model: torch.nn.Module, path: Path, opset: int = 17) -> Path:
+def export_onnx(model: torch.nn.Module, path: Path, opset: int = 18) -> Path:
     """Export the network to ONNX (normalised float NCHW input, logits output)."""
     from cifar_assets.ml.onnx_export import export_onnx as export
 

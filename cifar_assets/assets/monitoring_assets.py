@@ -10,6 +10,7 @@ from cifar_assets.artifacts import (
     ABTestSummary,
     DriftBaselineRef,
     DriftVerdict,
+    FeatureTable,
     RegisteredModel,
     TrainedModel,
     TritonDeployment,
@@ -43,8 +44,9 @@ def drift_baseline(
     trained_model: TrainedModel,
     registered_model: RegisteredModel,
     cifar10_splits: Splits,
+    image_features: FeatureTable,
 ) -> dg.Output[DriftBaselineRef]:
-    from cifar_assets.data.features import compute_features
+    from cifar_assets.data.features import FeatureStore
     from cifar_assets.drift.baseline import fit_baseline
     from cifar_assets.ml.embeddings import embed, predict_proba
     from cifar_assets.ml.model import load_model
@@ -52,10 +54,12 @@ def drift_baseline(
     reference = cifar10_splits.validation.subset(slice(0, config.reference_images))  # type: ignore[arg-type]
     model = load_model(Path(trained_model.model_dir))
     context.log.info(f"Embedding {len(reference)} validation images for the drift reference")
+    store = Path(image_features.path)
+    features = FeatureStore(store.parent).read(list(reference.ids), name=store.stem)
     baseline = fit_baseline(
         embed(model, reference.images),
         predict_proba(model, reference.images),
-        compute_features(reference),
+        features,
         reference.labels,
         model_version=str(registered_model.version),
         p_val=config.p_val,
@@ -158,6 +162,11 @@ def drift_report(
             out_dir / "moved_features.png",
         )
         metadata["moved_feature_distributions"] = image(plot, "moved features")
+    from cifar_assets.metrics import write_drift_status
+
+    write_drift_status(
+        get_settings().storage_dir, context.partition_key, report.score, report.drift
+    )
     context.log.info(
         f"Batch {context.partition_key}: drift={report.drift} score={report.score:.3f} "
         f"moved={report.moved_features[:5]}"
