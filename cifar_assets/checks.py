@@ -4,7 +4,7 @@ The rules live in :mod:`cifar_assets.data.validation`; here each outcome becomes
 result whose failure cases show as a table in the UI (dagster-pandera's type check would drop it).
 """
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 import pandas as pd
@@ -36,7 +36,7 @@ class LeakageCheckConfig(dg.Config):
 
 
 def _result(outcome: "CheckOutcome") -> dg.AssetCheckResult:
-    metadata: dict[str, object] = {"summary": outcome.description, **outcome.summary}
+    metadata: dict[str, Any] = {"summary": outcome.description, **outcome.summary}
     if not outcome.failures.empty:
         metadata["failure_cases"] = table(outcome.failures)
         metadata["failure_count"] = len(outcome.failures)

@@ -23,7 +23,11 @@ from cifar_assets.jobs import (
 )
 from cifar_assets.resources import LocalStorageIOManager, MLflowResource, TritonResource
 from cifar_assets.schedules import daily_drift_schedule
-from cifar_assets.sensors import drift_retraining_sensor, incoming_batch_sensor
+from cifar_assets.sensors import (
+    drift_retraining_sensor,
+    incoming_batch_sensor,
+    mlflow_cleanup_sensor,
+)
 
 defs = dg.Definitions(
     assets=[
@@ -48,7 +52,7 @@ defs = dg.Definitions(
     asset_checks=DATA_CHECKS,
     jobs=[data_job, main_job, drift_check_job, retraining_job, promotion_job, rollback_job],
     schedules=[daily_drift_schedule],
-    sensors=[incoming_batch_sensor, drift_retraining_sensor],
+    sensors=[incoming_batch_sensor, drift_retraining_sensor, mlflow_cleanup_sensor],
     resources={
         "io_manager": LocalStorageIOManager(),
         "mlflow": MLflowResource(),

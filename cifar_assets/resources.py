@@ -57,7 +57,11 @@ class LocalStorageIOManager(dg.ConfigurableIOManager):
             tmp = stem.with_suffix(".tmp.parquet")
             obj.to_parquet(tmp, index=False)
             tmp.replace(stem.with_suffix(".parquet"))
-        elif dataclasses.is_dataclass(obj) and type(obj).__name__ in artifacts.ARTIFACT_TYPES:
+        elif (
+            dataclasses.is_dataclass(obj)
+            and not isinstance(obj, type)
+            and type(obj).__name__ in artifacts.ARTIFACT_TYPES
+        ):
             payload = {"type": type(obj).__name__, "value": dataclasses.asdict(obj)}
             tmp = stem.with_suffix(".tmp.json")
             tmp.write_text(json.dumps(payload, indent=2, default=str))

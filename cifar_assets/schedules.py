@@ -4,7 +4,7 @@ from datetime import timedelta
 
 import dagster as dg
 
-from cifar_assets.assets.monitoring_assets import incoming_batches
+from cifar_assets.assets.monitoring_assets import INCOMING_PARTITIONS
 from cifar_assets.jobs import drift_check_job
 
 
@@ -27,5 +27,5 @@ def daily_drift_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest
             f"No captured images between {since.isoformat()} and {until.isoformat()}."
         )
     key = capture_window_key(since, until)
-    context.instance.add_dynamic_partitions(incoming_batches.name, [key])
+    context.instance.add_dynamic_partitions(INCOMING_PARTITIONS, [key])
     return dg.RunRequest(run_key=key, partition_key=key, tags={"captured_images": str(captured)})

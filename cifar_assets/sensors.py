@@ -6,7 +6,7 @@ import time
 
 import dagster as dg
 
-from cifar_assets.assets.monitoring_assets import incoming_batches
+from cifar_assets.assets.monitoring_assets import INCOMING_PARTITIONS, incoming_batches
 from cifar_assets.jobs import drift_check_job, retraining_job
 from cifar_assets.resources import stored_value_path
 from cifar_assets.settings import get_settings
@@ -29,7 +29,7 @@ ACTIVE_STATUSES = [
 def incoming_batch_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
     from cifar_assets.drift.incoming import discover_batches
 
-    known = set(context.instance.get_dynamic_partitions(incoming_batches.name))
+    known = set(context.instance.get_dynamic_partitions(INCOMING_PARTITIONS))
     new = [
         b.batch_id for b in discover_batches(get_settings().incoming_dir) if b.batch_id not in known
     ]
@@ -129,3 +129,22 @@ def evaluate_retraining(
 )
 def drift_retraining_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
     return evaluate_retraining(context)
+
+
+@dg.run_failure_sensor(
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Marks FAILED any MLflow run a failed Dagster run left RUNNING (a killed step "
+    "process cannot end its own run).",
+)
+def mlflow_cleanup_sensor(context: dg.RunFailureSensorContext) -> None:
+    from cifar_assets.ml.tracking import end_orphaned_runs
+
+    settings = get_settings()
+    ended = end_orphaned_runs(
+        settings.mlflow_tracking_uri,
+        settings.mlflow_experiment_name,
+        "dagster_run_id",
+        context.dagster_run.run_id,
+    )
+    if ended:
+        context.log.info(f"Marked MLflow runs {ended} FAILED")

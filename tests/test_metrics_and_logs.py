@@ -151,3 +151,25 @@ def test_bad_log_level_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="LOG_LEVEL='LOUD'"):
         configure_logging("loud")
     assert logging.getLogger("cifar_assets").level in (logging.INFO, logging.DEBUG)
+
+
+def test_grafana_dashboard_queries_metrics_the_exporter_serves(tmp_path: Path) -> None:
+    import re
+
+    from tests.conftest import PROJECT_ROOT
+
+    dashboard = json.loads((PROJECT_ROOT / "configs/monitoring/grafana_dashboard.json").read_text())
+    queried = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"cifar10_[a-z_]+", target["expr"])
+    }
+    exporter = MetricsExporter(tmp_path, tmp_path)
+    exporter.predictions.labels("1", "cat").inc()
+    exporter.latency.labels("1").observe(0.01)
+    exporter.accuracy.labels("1").set(0.5)
+    exporter.drift_score.labels("b").set(0.2)
+    exporter.ab_requests.labels("1").inc()
+    served = {sample.name for metric in exporter.registry.collect() for sample in metric.samples}
+    assert queried and queried <= served

@@ -8,6 +8,7 @@ then opens the MLflow UI on a store holding a registered model. Screenshots land
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from tests.conftest import PROJECT_ROOT, subprocess_env
 from tests.serving_fixtures import free_ports
@@ -99,10 +101,8 @@ def browser() -> Iterator[object]:
 
 
 def dismiss_welcome(page) -> None:  # type: ignore[no-untyped-def]
-    try:
+    with contextlib.suppress(PlaywrightTimeout):  # the dialog shows only on a first visit
         page.get_by_role("button", name="Skip").click(timeout=5000)
-    except Exception:  # the dialog shows only on a first visit
-        return
 
 
 def test_dagster_ui_shows_assets_and_runs_the_data_job(
@@ -212,11 +212,12 @@ def test_mlflow_ui_shows_the_registered_model(
         page.goto(f"{base}/#/models", wait_until="networkidle", timeout=120_000)
         page.get_by_text(settings.registered_model_name, exact=True).first.wait_for(timeout=60_000)
         page.screenshot(path=str(ARTIFACTS / "mlflow_models.png"), full_page=True)
-        page.goto(
-            f"{base}/#/models/{settings.registered_model_name}",
-            wait_until="networkidle",
-            timeout=120_000,
-        )
+        # MLflow announces its new registry UI in a dialog on a first visit
+        with contextlib.suppress(PlaywrightTimeout):
+            page.get_by_role("button", name="Try it now").click(timeout=5000)
+        page.get_by_text("champion", exact=False).first.wait_for(timeout=30_000)
+        # into the model's page by clicking its name, as a person would
+        page.get_by_role("link", name=settings.registered_model_name).first.click()
         page.get_by_text("champion", exact=False).first.wait_for(timeout=60_000)
         page.screenshot(path=str(ARTIFACTS / "mlflow_model_versions.png"), full_page=True)
     finally:

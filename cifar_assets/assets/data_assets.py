@@ -1,7 +1,7 @@
 """Data stage: ``cifar10_raw`` (from a chosen source) and ``cifar10_splits`` (stratified)."""
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import dagster as dg
 import pandas as pd
@@ -51,7 +51,7 @@ class SplitsConfig(dg.Config):
     description="Images and labels from the configured source, in the canonical uint8 form.",
 )
 def cifar10_raw(context: dg.AssetExecutionContext, config: RawDataConfig) -> dg.Output[RawData]:
-    metadata: dict[str, object] = {"source": config.source}
+    metadata: dict[str, Any] = {"source": config.source}
     if config.source == "synthetic":
         from cifar_assets.data.synthetic import generate_synthetic
 

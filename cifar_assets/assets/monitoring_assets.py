@@ -2,6 +2,7 @@
 (one dynamic partition per batch of production data) and ``drift_report`` (per batch)."""
 
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 from pydantic import Field
@@ -21,7 +22,8 @@ from cifar_assets.resources import TritonResource
 from cifar_assets.settings import get_settings
 
 MONITORING_GROUP = "monitoring"
-incoming_batches = dg.DynamicPartitionsDefinition(name="incoming_batches")
+INCOMING_PARTITIONS = "incoming_batches"
+incoming_batches = dg.DynamicPartitionsDefinition(name=INCOMING_PARTITIONS)
 
 
 class DriftBaselineConfig(dg.Config):
@@ -143,7 +145,7 @@ def drift_report(
             for name, d in details["detectors"].items()
         ]
     )
-    metadata: dict[str, object] = {
+    metadata: dict[str, Any] = {
         "drift": report.drift,
         "data_drift": report.data_drift,
         "model_drift": report.model_drift,

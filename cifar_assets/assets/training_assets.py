@@ -2,7 +2,7 @@
 
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import dagster as dg
 from pydantic import Field
@@ -11,7 +11,7 @@ from cifar_assets.artifacts import ModelEvaluation, TrainedModel
 from cifar_assets.assets.metadata import image, table
 from cifar_assets.assets.validation_assets import validation_report
 from cifar_assets.data.imageset import Splits
-from cifar_assets.ml.training import TrainConfig
+from cifar_assets.ml.training import EpochMetrics, Progress, TrainConfig
 from cifar_assets.resources import MLflowResource
 from cifar_assets.settings import get_settings
 
@@ -93,7 +93,7 @@ def trained_model(
             | {"data_version": data_version, "train_images": len(cifar10_splits.train)},
         )
 
-        def on_epoch(metrics) -> None:  # type: ignore[no-untyped-def]
+        def on_epoch(metrics: EpochMetrics) -> None:
             values = {k: v for k, v in vars(metrics).items() if isinstance(v, float | int)}
             tracking.log_epoch_metrics(mlflow.uri(), run_id, metrics.epoch, values)
             context.log.info(
@@ -102,7 +102,7 @@ def trained_model(
                 f"{metrics.images_per_s:.0f} img/s, {metrics.eta_seconds:.0f} s left"
             )
 
-        def on_progress(progress) -> None:  # type: ignore[no-untyped-def]
+        def on_progress(progress: Progress) -> None:
             context.log.info(
                 f"epoch {progress.epoch} step {progress.step}/{progress.steps_in_epoch} "
                 f"(total {progress.global_step}/{progress.total_steps}): loss "
@@ -200,7 +200,7 @@ def model_evaluation(
     except registry.RegistryLookupError:  # nothing registered yet: the first model
         champion = None
     champion_metrics = None
-    metadata: dict[str, object] = {
+    metadata: dict[str, Any] = {
         **{k: float(v) for k, v in metrics.items()},
         "per_class": table(
             pd.DataFrame(

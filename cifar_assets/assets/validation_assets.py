@@ -29,7 +29,11 @@ def validation_report(
         metadata={
             "rows": len(stats),
             "constant_images": int(stats["is_constant"].sum()),
-            "mean_brightness_by_split": dg.MetadataValue.json(summary["brightness"].to_dict()),
-            "mean_contrast_by_split": dg.MetadataValue.json(summary["contrast"].to_dict()),
+            "mean_brightness_by_split": dg.MetadataValue.json(
+                {str(k): v for k, v in summary["brightness"].items()}
+            ),
+            "mean_contrast_by_split": dg.MetadataValue.json(
+                {str(k): v for k, v in summary["contrast"].items()}
+            ),
         },
     )
