@@ -78,5 +78,51 @@ def test_main_job_trains_registers_exports_and_serves(serving_env: dict[str, str
         images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
         logits = infer(images, url=config.http_url, version=version)
         assert logits.shape == (4, 10) and np.isfinite(logits).all()
+
+        check_a_drifted_batch(serving_env)
     finally:
         stop_server(config)
+
+
+def check_a_drifted_batch(env: dict[str, str]) -> None:
+    """A heavily corrupted batch dropped into the incoming folder: its drift check (the assets
+    the drift sensor launches) says drift, against the baseline the main job fitted."""
+    from cifar_assets.data.corruptions import corrupt
+    from cifar_assets.data.imageset import save_npz
+    from cifar_assets.data.synthetic import generate_synthetic
+    from cifar_assets.settings import get_settings
+
+    batch = generate_synthetic(300, seed=99)
+    save_npz(
+        get_settings().incoming_dir / "noisy.npz",
+        {"images": corrupt(batch.images, "gaussian_noise", 5), "labels": batch.labels},
+    )
+    with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        instance.add_dynamic_partitions("incoming_batches", ["noisy"])
+    result = subprocess.run(
+        [
+            str(PROJECT_ROOT / "scripts" / "dagster"),
+            "asset",
+            "materialize",
+            "-m",
+            "cifar_assets.definitions",
+            "--select",
+            "incoming_batch,drift_report",
+            "--partition",
+            "noisy",
+        ],
+        cwd=PROJECT_ROOT,
+        env=subprocess_env(env),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        report = instance.get_latest_materialization_event(dg.AssetKey("drift_report"))
+        assert report is not None and report.asset_materialization is not None
+        metadata = report.asset_materialization.metadata
+        assert report.asset_materialization.partition == "noisy"
+        assert metadata["drift"].value is True
+        assert metadata["labelled"].value is True
+        assert metadata["score"].value > 0.95

@@ -3,6 +3,7 @@ status (their nested runs too), logged values read back, orphaned runs are clean
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -177,3 +178,14 @@ def test_default_artifact_location(tmp_path: Path) -> None:
         f"sqlite:///{database}", "exp", root=tmp_path / "var" / "artifacts"
     ) == ((tmp_path / "var" / "artifacts" / "exp").as_uri())
     assert default_artifact_location("http://mlflow.internal:5000", "exp") is None
+
+
+def test_tracking_run_leaves_the_tracking_uri_variable_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uri = f"sqlite:///{tmp_path / 'env.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with tracking_run(uri, "env-check", "r", {}) as run_id:
+        pass
+    assert os.environ["MLFLOW_TRACKING_URI"] == uri
+    assert run_url(uri, run_id).endswith(run_id)

@@ -15,6 +15,7 @@ importing mlflow costs about 4 s in every step process.
 from __future__ import annotations
 
 import math
+import os
 import re
 import time
 from collections.abc import Iterator, Mapping
@@ -50,8 +51,18 @@ def scoped_tracking_uri(tracking_uri: str) -> Iterator[None]:
     """
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-    with _use_tracking_uri(tracking_uri):
-        yield
+    # MLflow's setter also writes MLFLOW_TRACKING_URI into os.environ and, on the way out,
+    # removes it when no URI had been set through the API: the project reads that variable
+    # (settings), so it is put back exactly as it was.
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        with _use_tracking_uri(tracking_uri):
+            yield
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
 def default_artifact_location(
