@@ -221,8 +221,8 @@ def ab_test_report(
             f"No A/B test is running: the router's weights are {weights or 'unset'}. Deploy a "
             "challenger (triton_deployment with role=challenger) first."
         )
-    control = max(weights, key=lambda v: weights[v])
-    treatment = min(weights, key=lambda v: weights[v])
+    # the control is the version with more traffic (on a 50/50 split, the older one)
+    control, treatment = sorted(weights, key=lambda v: (-weights[v], v))
     capture = read_capture(server.capture_dir)
     feedback = read_feedback(server.capture_dir)[["request_id", "item", "label"]]
     records = capture.merge(feedback, on=["request_id", "item"], how="left")

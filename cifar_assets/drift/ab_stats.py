@@ -456,8 +456,13 @@ def ab_results_png(report: ABReport, path: Path) -> Path:
     labels = [f"v{s.version}" for s in stats]
     positions = np.arange(len(stats))
     accuracy = [s.accuracy or 0.0 for s in stats]
-    low = [(s.accuracy or 0.0) - s.accuracy_ci[0] if s.accuracy_ci else 0.0 for s in stats]
-    high = [s.accuracy_ci[1] - (s.accuracy or 0.0) if s.accuracy_ci else 0.0 for s in stats]
+    # clipped at 0: at an accuracy of exactly 0 or 1 rounding can put the bound a hair inside
+    low = [
+        max(0.0, (s.accuracy or 0.0) - s.accuracy_ci[0]) if s.accuracy_ci else 0.0 for s in stats
+    ]
+    high = [
+        max(0.0, s.accuracy_ci[1] - (s.accuracy or 0.0)) if s.accuracy_ci else 0.0 for s in stats
+    ]
     acc_axis.bar(positions, accuracy, yerr=[low, high], capsize=6, color="tab:blue")
     acc_axis.set_xticks(positions, labels)
     acc_axis.set_ylim(0, 1)
