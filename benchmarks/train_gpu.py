@@ -67,7 +67,11 @@ def main() -> None:
             "torch": torch.__version__,
             "python": platform.python_version(),
         },
-        "data": {"train": len(train_set), "test": len(test_set), "generation_s": round(generation_s, 2)},
+        "data": {
+            "train": len(train_set),
+            "test": len(test_set),
+            "generation_s": round(generation_s, 2),
+        },
         "probes": [],
     }
     for mixed in (False, True):
