@@ -1,0 +1,219 @@
+"""Training throughput: the project's loop (``cifar_assets.ml.training.train``) against a bare
+PyTorch loop over the same model, batch and data, measured side by side.
+
+The project's loop runs exactly as an asset calls it (augmentation on, one-cycle Nesterov SGD,
+label smoothing, a checkpoint at the end of the epoch); its ``images_per_s`` counts the training
+steps only. The bare loop is what one would write by hand: plain SGD with momentum, plain
+cross-entropy, a batch taken by tensor indexing, normalised, forward, backward, step; it is timed
+over its steps the same way (after building the model and optimizer). Runs alternate A, B, A, B
+and the figures are medians, so a burst of load from other users hits both.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from common import THREADS, Goal, fmt, interleave, log, main, median, section_facts, table
+
+BATCH_SIZE = 64
+GOAL_RATIO = 0.95
+
+
+def project_loop(train_set: Any, stem: str, steps: int) -> float:
+    from cifar_assets.ml.training import TrainConfig, train
+
+    config = TrainConfig(
+        stem=stem,  # type: ignore[arg-type]
+        batch_size=BATCH_SIZE,
+        max_steps=steps,
+        augment=True,
+        device="cpu",
+        num_threads=THREADS,
+    )
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as checkpoints:
+        result = train(train_set, None, config, Path(checkpoints))
+    return float(result.images_per_s)
+
+
+def bare_loop(train_set: Any, stem: str, steps: int) -> float:
+    import torch
+
+    from cifar_assets.ml.model import CIFAR_MEAN, CIFAR_STD, Architecture, build_resnet18
+
+    torch.manual_seed(0)
+    model = build_resnet18(Architecture(stem=stem)).train()  # type: ignore[arg-type]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    images = torch.from_numpy(train_set.images)
+    labels = torch.from_numpy(train_set.labels)
+    mean = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1) * 255
+    std = torch.tensor(CIFAR_STD).view(1, 3, 1, 1) * 255
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    began = time.perf_counter()
+    for step in range(steps):
+        index = order[step * BATCH_SIZE : (step + 1) * BATCH_SIZE]
+        inputs = ((images[index].permute(0, 3, 1, 2).float() - mean) / std).contiguous()
+        loss = torch.nn.functional.cross_entropy(model(inputs), labels[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return steps * BATCH_SIZE / (time.perf_counter() - began)
+
+
+def measure_stem(
+    train_set: Any, stem: str, steps: int, repeats: int, warm_up: bool
+) -> dict[str, Any]:
+    log(f"{stem} stem: {steps} steps of {BATCH_SIZE}, {repeats} interleaved repeats")
+    if warm_up:
+        # One short untimed pass each: a process's first run pays for oneDNN's kernel choice.
+        project_loop(train_set, stem, 2)
+        bare_loop(train_set, stem, 2)
+    figures, loads = interleave(
+        {
+            "project": lambda: project_loop(train_set, stem, steps),
+            "bare": lambda: bare_loop(train_set, stem, steps),
+        },
+        repeats,
+        log,
+    )
+    ratios = [p / b for p, b in zip(figures["project"], figures["bare"], strict=True)]
+    project, bare = median(figures["project"]), median(figures["bare"])
+    return {
+        "steps": steps,
+        "repeats": repeats,
+        "project_runs": figures["project"],
+        "bare_runs": figures["bare"],
+        "pair_ratios": ratios,
+        "load_average_per_run": loads,
+        "project_images_per_s": project,
+        "bare_images_per_s": bare,
+        "ratio": project / bare,
+        "median_pair_ratio": median(ratios),
+    }
+
+
+def run(quick: bool) -> dict[str, Any]:
+    import torch
+
+    from cifar_assets.data.synthetic import generate_synthetic
+
+    torch.set_num_threads(THREADS)
+    # (steps, repeats). Not 4 steps: TrainConfig's one-cycle schedule fails on 4 (see README).
+    plan = (
+        {"imagenet": (3, 1), "cifar": (2, 1)} if quick else {"imagenet": (20, 3), "cifar": (3, 2)}
+    )
+    largest = max(steps for steps, _ in plan.values())
+    train_set = generate_synthetic(largest * BATCH_SIZE, seed=0)
+    figures = {
+        stem: measure_stem(train_set, stem, steps, repeats, warm_up=not quick)
+        for stem, (steps, repeats) in plan.items()
+    }
+    return {
+        "parameters": {
+            "batch_size": BATCH_SIZE,
+            "threads": THREADS,
+            "train_images": len(train_set),
+            "plan": {stem: {"steps": s, "repeats": r} for stem, (s, r) in plan.items()},
+        },
+        "figures": figures,
+    }
+
+
+def render(section: dict[str, Any], sections: dict[str, Any]) -> list[str]:
+    rows = []
+    for stem, figures in section["figures"].items():
+        rows.append(
+            (
+                f"{stem} stem",
+                f"{figures['steps']} x {figures['repeats']}",
+                fmt(figures["project_images_per_s"]),
+                fmt(figures["bare_images_per_s"]),
+                f"**{figures['ratio']:.3f}**",
+                ", ".join(f"{r:.3f}" for r in figures["pair_ratios"]),
+            )
+        )
+    runs = []
+    for stem, figures in section["figures"].items():
+        runs.append(
+            f"- {stem} stem, images/s per run, project / bare (1-minute load average at the "
+            "start of each), in run order: "
+            + "; ".join(
+                f"{p:.1f} ({lp}) / {b:.1f} ({lb})"
+                for p, b, lp, lb in zip(
+                    figures["project_runs"],
+                    figures["bare_runs"],
+                    figures["load_average_per_run"][0::2],
+                    figures["load_average_per_run"][1::2],
+                    strict=True,
+                )
+            )
+        )
+    return [
+        "## 1. Training throughput: project loop against a bare PyTorch loop",
+        "",
+        f"ResNet18 from `build_resnet18`, batch {BATCH_SIZE}, synthetic 32x32 images, "
+        f"{THREADS} torch threads, CPU. Project: `train(..., TrainConfig(stem=..., "
+        f"batch_size={BATCH_SIZE}, max_steps=N, augment=True, device='cpu'))`, its "
+        "`images_per_s` (training steps only). Bare: SGD with momentum, cross-entropy, "
+        "`images[index]` batches, normalised, forward/backward/step, timed over the same steps. "
+        "Runs interleaved project, bare, project, bare...; figures are medians. Goal: "
+        f"project / bare >= {GOAL_RATIO}.",
+        "",
+        *table(
+            [
+                "model",
+                "steps x repeats",
+                "project images/s",
+                "bare images/s",
+                "ratio (of medians)",
+                "ratio per pair",
+            ],
+            rows,
+        ),
+        "",
+        *runs,
+        "",
+        "What the project's loop does beyond the bare one, all inside the timed steps: a "
+        "random flip and translation gathered by one index operation, label smoothing, "
+        "Nesterov momentum with a one-cycle schedule step, and accumulating loss and accuracy "
+        "on tensors (no host sync per step). Both include their first steps (the project "
+        "reports them so); an untimed 2-step pass of each came first (not in --quick).",
+        "",
+        *[
+            f"The {stem}-stem pair ratios spread over {min(f['pair_ratios']):.2f}-"
+            f"{max(f['pair_ratios']):.2f}, wider than the goal's 5% margin: at this run length "
+            "the ratio is within run-to-run noise, and more repeats on a quiet machine would "
+            "be needed to settle it.\n"
+            for stem, f in section["figures"].items()
+            if stem == "imagenet" and max(f["pair_ratios"]) - min(f["pair_ratios"]) > 0.05
+        ],
+        "The CIFAR-stem rows are a short indication only: a few steps per run (each step is "
+        "about 2 s), so one slow step moves a run by a third; its ratio is noise, not a "
+        "property of either loop.",
+        *section_facts(section),
+    ]
+
+
+def goals(section: dict[str, Any]) -> list[Goal]:
+    rows = []
+    for stem, figures in section["figures"].items():
+        # The goal is set for the ImageNet stem; the CIFAR-stem run is a few steps, indicative.
+        goal = stem == "imagenet"
+        rows.append(
+            Goal(
+                f"training loop / bare loop, {stem} stem"
+                + ("" if goal else " (short, indicative)"),
+                f">= {GOAL_RATIO}" if goal else "-",
+                f"{figures['ratio']:.3f} ({figures['project_images_per_s']:.1f} vs "
+                f"{figures['bare_images_per_s']:.1f} img/s; pairs "
+                f"{min(figures['pair_ratios']):.2f}-{max(figures['pair_ratios']):.2f})",
+                figures["ratio"] >= GOAL_RATIO if goal else None,
+            )
+        )
+    return rows
+
+
+if __name__ == "__main__":
+    main("training", run)

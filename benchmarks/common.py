@@ -1,0 +1,240 @@
+"""Shared pieces of the benchmark suite: machine and package facts, statistics, interleaving, and
+the small protocol every ``bench_*.py`` follows.
+
+Each benchmark module defines ``run(quick: bool) -> dict`` (the raw figures of its section),
+``render(section, sections) -> list[str]`` (its Markdown section of the report) and
+``goals(section) -> list[Goal]`` (its rows of the summary table). Run on its own, a module
+measures its section and writes the JSON to ``--out``; ``run_all.py`` starts one such process per
+section, so each section begins with a fresh interpreter (no warm caches, no threads left over).
+Only the standard library is imported here: the report is rendered without torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+BENCH_DIR = Path(__file__).resolve().parent
+PYTHON = PROJECT_ROOT / ".venv" / "bin" / "python"
+# The figures are taken on a 2-core machine; every torch/ORT computation is pinned to this count
+# so that a run on a bigger machine measures the same thing unless asked otherwise.
+THREADS = 2
+
+PACKAGES = (
+    "torch",
+    "torchvision",
+    "onnx",
+    "onnxruntime",
+    "numpy",
+    "dagster",
+    "mlflow",
+    "alibi-detect",
+    "tritonclient",
+    "nvidia-pytriton",
+)
+
+
+@dataclass(frozen=True)
+class Goal:
+    """One row of the report's summary table."""
+
+    name: str
+    target: str  # e.g. ">= 0.95"; "-" for a figure reported without a goal
+    measured: str
+    met: bool | None  # None: no goal, or not measured
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def cpu_flags() -> list[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return sorted(flags & {"avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni"})
+    return []
+
+
+def cpu_mhz() -> float | None:
+    """The clock /proc/cpuinfo reports (a VM reports its nominal clock, not the boost)."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("cpu MHz"):
+            return float(line.split(":", 1)[1])
+    return None
+
+
+def load_average() -> list[float]:
+    return [round(value, 2) for value in os.getloadavg()]
+
+
+def machine() -> dict[str, Any]:
+    memory_kb = 0
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            memory_kb = int(line.split()[1])
+    return {
+        "cpu_model": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)),
+        "simd_flags": cpu_flags(),
+        "cpu_mhz": cpu_mhz(),
+        "memory_gib": round(memory_kb / 2**20, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100) with linear interpolation, as numpy's default."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100.0
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def interleave(
+    runs: dict[str, Callable[[], float]], repeats: int, log: Callable[[str], None] | None = None
+) -> tuple[dict[str, list[float]], list[float]]:
+    """Call each run in turn (A, B, A, B, ...) ``repeats`` times; returns every figure by name,
+    and the 1-minute load average at the start of each call (in call order).
+
+    Alternating spreads a burst of load from other users over all contenders instead of letting
+    it land on one, which is what makes a ratio measured on a shared machine mean something.
+    """
+    figures: dict[str, list[float]] = {name: [] for name in runs}
+    loads: list[float] = []
+    for repeat in range(repeats):
+        for name, measure in runs.items():
+            loads.append(load_average()[0])
+            value = measure()
+            figures[name].append(value)
+            if log is not None:
+                log(f"  repeat {repeat + 1}/{repeats} {name}: {value:.2f} (load {loads[-1]})")
+    return figures, loads
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def set_torch_threads() -> None:
+    import torch
+
+    torch.set_num_threads(THREADS)
+
+
+def section_command(name: str) -> str:
+    return f".venv/bin/python benchmarks/run_all.py --only {name}"
+
+
+def measure_section(
+    name: str, run: Callable[[bool], dict[str, Any]], quick: bool
+) -> dict[str, Any]:
+    """Run one section and wrap its figures with the facts every section carries."""
+    started_at = datetime.now(UTC).isoformat(timespec="seconds")
+    load_start = load_average()
+    began = time.perf_counter()
+    figures = run(quick)
+    return {
+        "section": name,
+        "quick": quick,
+        "command": section_command(name) + (" --quick" if quick else ""),
+        "started_at": started_at,
+        "seconds": round(time.perf_counter() - began, 1),
+        "load_average_start": load_start,
+        "load_average_end": load_average(),
+        "machine": machine(),
+        "packages": package_versions(),
+        **figures,
+    }
+
+
+def main(name: str, run: Callable[[bool], dict[str, Any]]) -> None:
+    """Command line of a single benchmark module: ``--quick`` and ``--out FILE``."""
+    parser = argparse.ArgumentParser(description=f"The {name} benchmark of the report.")
+    parser.add_argument("--quick", action="store_true", help="a much smaller smoke run")
+    parser.add_argument("--out", type=Path, help="write the section's JSON here")
+    args = parser.parse_args()
+    section = measure_section(name, run, args.quick)
+    text = json.dumps(section, indent=2, default=_json_default)
+    if args.out is None:
+        print(text)
+    else:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+# Markdown helpers shared by the render functions.
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return lines
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    if value is None or value != value:  # None or NaN
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def section_facts(section: dict[str, Any]) -> list[str]:
+    """The lines every section ends with: how to reproduce it and under which conditions."""
+    machine_facts = section["machine"]
+    packages = ", ".join(f"{k} {v}" for k, v in section["packages"].items())
+    return [
+        "",
+        f"Reproduce: `{section['command']}`  ",
+        f"Machine: {machine_facts['cpu_model']}, {machine_facts['usable_cpus']} usable of "
+        f"{machine_facts['logical_cpus']} logical CPUs ({', '.join(machine_facts['simd_flags'])}), "
+        f"{machine_facts['memory_gib']} GiB, Python {machine_facts['python']}  ",
+        f"Packages: {packages}  ",
+        f"Started {section['started_at']}, took {section['seconds']:.0f} s; load average "
+        f"(1/5/15 min) {section['load_average_start']} at start, "
+        f"{section['load_average_end']} at end.",
+    ]
