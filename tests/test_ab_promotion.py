@@ -10,13 +10,14 @@ from pathlib import Path
 import dagster as dg
 import numpy as np
 import pytest
+from mlflow import MlflowClient
 
 from cifar_assets.artifacts import TritonDeployment
 from cifar_assets.assets.monitoring_assets import ABTestConfig, ab_test_report
 from cifar_assets.ml import registry
 from cifar_assets.ml.model import Architecture, build_resnet18, save_model
 from cifar_assets.ml.tracking import tracking_run
-from cifar_assets.resources import TritonResource
+from cifar_assets.resources import MLflowResource, TritonResource
 from cifar_assets.serving import repository
 from cifar_assets.serving.capture import record_feedback
 from cifar_assets.serving.client import infer_ab
@@ -77,12 +78,22 @@ def test_ab_report_decides_and_promotion_applies_everywhere(
             context=dg.build_asset_context(),
             config=ABTestConfig(),
             triton=TritonResource(),
+            mlflow=MLflowResource(tracking_uri=uri),
             triton_deployment=deployment,
         )
         summary = output.value
         assert (summary.control, summary.treatment) == (1, 2)  # 50/50: the older is control
         assert summary.decision == "promote", summary.reason
         assert output.metadata["srm_p_value"].value > 0.001
+        # The report is an MLflow run too: per-version figures and the picture.
+        client = MlflowClient(uri)
+        experiment = client.get_experiment_by_name("monitoring/cifar10-resnet18")
+        assert experiment is not None
+        (ab_run,) = client.search_runs([experiment.experiment_id], "tags.kind = 'ab_test'")
+        assert ab_run.data.tags["decision"] == "promote"
+        assert ab_run.data.metrics["v2_accuracy"] == 1.0 and ab_run.data.metrics["v1_accuracy"] == 0
+        logged = {artifact.path for artifact in client.list_artifacts(ab_run.info.run_id)}
+        assert logged == {"ab_report.json", "ab_results.png"}
 
         record = apply_ab_decision(
             summary.decision,  # type: ignore[arg-type]

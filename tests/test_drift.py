@@ -32,7 +32,12 @@ from cifar_assets.drift.incoming import (
     discover_batches,
     load_batch,
 )
-from cifar_assets.drift.report import DriftReport, check_batch, feature_distribution_png
+from cifar_assets.drift.report import (
+    DriftReport,
+    check_batch,
+    drift_overview_png,
+    feature_distribution_png,
+)
 
 P_VAL = 0.05
 N_REFERENCE = 300
@@ -320,6 +325,12 @@ def test_report_serialises_and_plots_moved_features(
             baseline.features.reference_features(), batch.features, ["no_such_feature"], path
         )
 
+    overview = drift_overview_png(report, baseline, batch.probabilities, tmp_path / "o.png")
+    assert overview.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and overview.stat().st_size > 10_000
+    with pytest.raises(DriftDetectorError, match="the batch has 3 classes, the baseline 10"):
+        three = batch.probabilities[:, :3] / batch.probabilities[:, :3].sum(axis=1, keepdims=True)
+        drift_overview_png(report, baseline, three, tmp_path / "x.png")
+
 
 def test_detectors_refuse_bad_input(baseline: DriftBaseline, pool: Outputs) -> None:
     with pytest.raises(DriftDetectorError, match="pass softmax outputs, not logits"):
@@ -466,3 +477,31 @@ def test_batch_from_capture_takes_a_time_window_and_feedback(tmp_path: Path) -> 
     assert batch_from_capture(tmp_path / "empty") is None
     with pytest.raises(DataSourceError, match="no time zone"):
         batch_from_capture(tmp_path, since=datetime(2026, 1, 1))
+
+
+def test_mmd_loop_with_progress_equals_alibi_detect(
+    baseline: DriftBaseline, pool: Outputs, corrupted: dict[tuple[str, int], Outputs]
+) -> None:
+    """The MMD test runs alibi-detect's permutation loop written out (to report progress): same
+    kernel, same draws, so the same p-value, distance and threshold as alibi's own predict."""
+    import torch
+
+    detector = baseline.mmd
+    for outputs in (pool.rows(np.arange(N_BATCH)), corrupted[("jpeg", 3)].rows(np.arange(N_BATCH))):
+        lines: list[str] = []
+        ours = detector.score(outputs.embeddings, log=lines.append)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            torch.manual_seed(detector.seed)
+            theirs = detector._alibi.predict(detector._project(outputs.embeddings))["data"]
+        finally:
+            torch.set_num_threads(threads)
+
+        assert ours.distance == theirs["distance"]
+        assert ours.details["distance_threshold"] == theirs["distance_threshold"]
+        exceed = round(theirs["p_val"] * detector.n_permutations)
+        assert ours.p_value == (1 + exceed) / (1 + detector.n_permutations)
+        assert lines[-1].startswith(
+            f"MMD permutation test ({N_BATCH} images): 100/100 permutations"
+        )

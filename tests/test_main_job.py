@@ -61,6 +61,11 @@ def test_main_job_trains_registers_exports_and_serves(serving_env: dict[str, str
         with dg.DagsterInstance.from_config(serving_env["DAGSTER_HOME"]) as instance:
             (run,) = instance.get_runs()
             assert run.status == dg.DagsterRunStatus.SUCCESS
+            # Long steps report progress in the run log (final lines: the work was short).
+            messages = [entry.user_message for entry in instance.all_logs(run.run_id)]
+            assert any(m.startswith("features of ") and " images in " in m for m in messages)
+            assert any(m.startswith("predictions: ") for m in messages)  # evaluation
+            assert any(m.startswith("epoch 1/") for m in messages)  # training
             deployed = instance.get_latest_materialization_event(dg.AssetKey("triton_deployment"))
             assert deployed is not None and deployed.asset_materialization is not None
             metadata = deployed.asset_materialization.metadata
@@ -126,3 +131,20 @@ def check_a_drifted_batch(env: dict[str, str]) -> None:
         assert metadata["drift"].value is True
         assert metadata["labelled"].value is True
         assert metadata["score"].value > 0.95
+        assert "drift_overview" in metadata and "mlflow_run" in metadata
+        (run,) = instance.get_runs(limit=1)
+        messages = [entry.user_message for entry in instance.all_logs(run.run_id)]
+        assert any(m.startswith("MMD permutation test (300 images): 100/100") for m in messages)
+
+    from mlflow import MlflowClient
+
+    # The check is also an MLflow run, with its figures and pictures, beside the training runs.
+    settings = get_settings()
+    client = MlflowClient(settings.mlflow_tracking_uri)
+    experiment = client.get_experiment_by_name("monitoring/" + settings.registered_model_name)
+    assert experiment is not None
+    (check,) = client.search_runs([experiment.experiment_id], "tags.batch = 'noisy'")
+    assert check.data.metrics["drift"] == 1.0 and check.data.metrics["score"] > 0.95
+    assert check.data.tags["kind"] == "drift_report"
+    logged = {artifact.path for artifact in client.list_artifacts(check.info.run_id)}
+    assert {"report.json", "drift_overview.png", "moved_features.png"} <= logged

@@ -208,3 +208,15 @@ def test_misuse_names_the_problem(small_train: ImageSet, tmp_path: Path) -> None
     (tmp_path / CHECKPOINT_FILE).write_bytes(b"not a checkpoint")
     with pytest.raises(RuntimeError, match=r"cannot be read.*Delete it"):
         train(small_train, None, QUICK, tmp_path)
+
+
+def test_warmup_of_exactly_one_step_trains_with_a_bar(
+    small_train: ImageSet, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """4 steps at warmup 0.25: torch's OneCycleLR alone divides by zero on this schedule. The
+    command line shows a bar of the steps."""
+    result = train(small_train, None, replace(QUICK, epochs=1), tmp_path)
+
+    assert result.completed and len(result.history) == 1
+    assert np.isfinite(result.history[0].train_loss)
+    assert "training:   0%" in capsys.readouterr().err

@@ -18,7 +18,7 @@ from cifar_assets.artifacts import (
 )
 from cifar_assets.assets.metadata import image, table
 from cifar_assets.data.imageset import ImageSet, Splits
-from cifar_assets.resources import TritonResource
+from cifar_assets.resources import MLflowResource, TritonResource
 from cifar_assets.settings import get_settings
 
 MONITORING_GROUP = "monitoring"
@@ -59,8 +59,8 @@ def drift_baseline(
     store = Path(image_features.path)
     features = FeatureStore(store.parent).read(list(reference.ids), name=store.stem)
     baseline = fit_baseline(
-        embed(model, reference.images),
-        predict_proba(model, reference.images),
+        embed(model, reference.images, log=context.log.info),
+        predict_proba(model, reference.images, log=context.log.info),
         features,
         reference.labels,
         model_version=str(registered_model.version),
@@ -114,31 +114,46 @@ def incoming_batch(context: dg.AssetExecutionContext) -> dg.Output[ImageSet]:
 )
 def drift_report(
     context: dg.AssetExecutionContext,
+    mlflow: MLflowResource,
     incoming_batch: ImageSet,
     drift_baseline: DriftBaselineRef,
 ) -> dg.Output[DriftVerdict]:
+    import json
+
     import pandas as pd
 
     from cifar_assets.data.features import compute_features
     from cifar_assets.drift.baseline import DriftBaseline
-    from cifar_assets.drift.report import check_batch, feature_distribution_png
+    from cifar_assets.drift.report import (
+        check_batch,
+        drift_overview_png,
+        feature_distribution_png,
+    )
+    from cifar_assets.ml import tracking
     from cifar_assets.ml.embeddings import embed, predict_proba
     from cifar_assets.ml.model import load_model
 
+    log = context.log.info
     baseline = DriftBaseline.load(Path(drift_baseline.path))
     model = load_model(Path(drift_baseline.model_dir))
-    features = compute_features(incoming_batch)
+    features = compute_features(incoming_batch, log=log)
     labels = incoming_batch.labels if (incoming_batch.labels >= 0).any() else None
+    probabilities = predict_proba(model, incoming_batch.images, log=log)
     report = check_batch(
         baseline,
-        embed(model, incoming_batch.images),
-        predict_proba(model, incoming_batch.images),
+        embed(model, incoming_batch.images, log=log),
+        probabilities,
         features,
         labels,
+        log=log,
     )
     out_dir = get_settings().storage_dir / "drift_report" / context.partition_key
     out_dir.mkdir(parents=True, exist_ok=True)
     details = report.to_dict()
+    report_file = out_dir / "report.json"
+    report_file.write_text(json.dumps(details, indent=2) + "\n")
+    overview = drift_overview_png(report, baseline, probabilities, out_dir / "drift_overview.png")
+    pictures = [overview]
     detectors = pd.DataFrame(
         [
             {"detector": name, **{k: v for k, v in d.items() if k != "details"}}
@@ -155,6 +170,7 @@ def drift_report(
         "detectors": table(detectors),
         "batch_accuracy": report.batch_accuracy if report.batch_accuracy is not None else -1.0,
         "labelled": labels is not None,
+        "drift_overview": image(overview, "drift overview"),
     }
     if report.moved_features:
         plot = feature_distribution_png(
@@ -163,7 +179,31 @@ def drift_report(
             report.moved_features,
             out_dir / "moved_features.png",
         )
+        pictures.append(plot)
         metadata["moved_feature_distributions"] = image(plot, "moved features")
+    run_id = tracking.log_monitoring_run(
+        mlflow.uri(),
+        mlflow.registered_model_name(),
+        run_name=f"drift-{context.partition_key}",
+        tags={
+            "kind": "drift_report",
+            "batch": context.partition_key,
+            "model_version": report.model_version,
+            "dagster_run_id": context.run_id,
+        },
+        params={"p_val": report.p_val, "images": report.n, "model_version": report.model_version},
+        metrics={
+            "drift": float(report.drift),
+            "score": report.score,
+            "combined_p_value": report.combined_p_value,
+            "batch_accuracy": report.batch_accuracy,
+            **{f"p_value_{result.name}": result.p_value for result in report.results},
+            **{f"distance_{result.name}": result.distance for result in report.results},
+        },
+        files=[report_file, *pictures],
+        artifact_location=mlflow.artifact_location(),
+    )
+    metadata["mlflow_run"] = dg.MetadataValue.url(tracking.run_url(mlflow.uri(), run_id))
     from cifar_assets.metrics import write_drift_status
 
     write_drift_status(
@@ -206,11 +246,15 @@ def ab_test_report(
     context: dg.AssetExecutionContext,
     config: ABTestConfig,
     triton: TritonResource,
+    mlflow: MLflowResource,
     triton_deployment: TritonDeployment,
 ) -> dg.Output[ABTestSummary]:
+    import json
+
     import pandas as pd
 
     from cifar_assets.drift.ab_stats import ab_results_png, analyse_ab
+    from cifar_assets.ml import tracking
     from cifar_assets.serving import repository
     from cifar_assets.serving.capture import read_capture, read_feedback
 
@@ -238,6 +282,33 @@ def ab_test_report(
         [{"version": v, **vars(s)} for v, s in report.versions.items()]
     ).round(4)
     context.log.info(f"A/B v{control} vs v{treatment}: {report.decision}: {report.reason}")
+    report_file = out_dir / "ab_report.json"
+    report_file.write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+    version_metrics: dict[str, float | None] = {}
+    for version, stats in report.versions.items():
+        for key in ("requests", "share", "n_feedback", "accuracy", "latency_p50_ms"):
+            version_metrics[f"v{version}_{key}"] = getattr(stats, key)
+    run_id = tracking.log_monitoring_run(
+        mlflow.uri(),
+        mlflow.registered_model_name(),
+        run_name=f"ab-v{control}-vs-v{treatment}",
+        tags={
+            "kind": "ab_test",
+            "control": control,
+            "treatment": treatment,
+            "decision": report.decision,
+            "dagster_run_id": context.run_id,
+        },
+        params={"alpha": config.alpha, "min_effect": config.min_effect, "weights": weights},
+        metrics={
+            "srm_p_value": report.srm.p_value,
+            "sequential_p_value": report.accuracy_test.p_value,
+            "fixed_horizon_n_per_arm": report.fixed_horizon_n_per_arm,
+            **version_metrics,
+        },
+        files=[report_file, plot],
+        artifact_location=mlflow.artifact_location(),
+    )
     return dg.Output(
         ABTestSummary(control, treatment, report.decision, report.reason, report.to_dict()),
         metadata={
@@ -250,5 +321,6 @@ def ab_test_report(
             "fixed_horizon_n_per_arm": report.fixed_horizon_n_per_arm,
             "per_version": table(per_version),
             "ab_results": image(plot, "A/B results"),
+            "mlflow_run": dg.MetadataValue.url(tracking.run_url(mlflow.uri(), run_id)),
         },
     )

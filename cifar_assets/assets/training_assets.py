@@ -182,7 +182,7 @@ def model_evaluation(
 
     test = cifar10_splits.test
     model = load_model(Path(trained_model.model_dir))
-    evaluation = evaluate(predict_logits(model, test.images), test.labels)
+    evaluation = evaluate(predict_logits(model, test.images, log=context.log.info), test.labels)
     plots = Path(trained_model.model_dir) / "evaluation"
     plots.mkdir(exist_ok=True)
     confusion = confusion_matrix_png(evaluation, plots / "confusion_matrix.png")
@@ -220,7 +220,9 @@ def model_evaluation(
         champion_model = registry.load_model_version(
             mlflow.uri(), champion.version, name=mlflow.registered_model_name()
         )
-        champion_eval = evaluate(predict_logits(champion_model, test.images), test.labels)
+        champion_eval = evaluate(
+            predict_logits(champion_model, test.images, log=context.log.info), test.labels
+        )
         champion_metrics = champion_eval.scalars()
         difference = compare(evaluation, champion_eval)
         metadata["champion_version"] = str(champion.version)

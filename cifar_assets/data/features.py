@@ -34,6 +34,7 @@ from cifar_assets.data.statistics import (
     luma,
     quadratic_form,
 )
+from cifar_assets.progress import ProgressReporter
 
 SCHEMA_VERSION = "1"
 DEFAULT_TABLE = "image_features"
@@ -339,12 +340,16 @@ _COMPUTE: dict[str, Callable[[_Chunk], Values]] = {
 
 
 def compute_features(
-    imageset: ImageSet, groups: Sequence[FeatureGroup] = FEATURE_GROUPS
+    imageset: ImageSet,
+    groups: Sequence[FeatureGroup] = FEATURE_GROUPS,
+    log: Callable[[str], None] | None = None,
 ) -> pd.DataFrame:
     """One row per image: ``id`` then every feature of ``groups``, each in its declared dtype.
 
     Labels are not used, so unlabelled batches work too. Images are processed in chunks, each
-    row depending only on its own image, so results do not depend on the set's size.
+    row depending only on its own image, so results do not depend on the set's size. Progress
+    goes to ``log`` at least every 10 s (and to a bar on standard error, see
+    :mod:`cifar_assets.progress`).
     """
     unknown = [group.name for group in groups if group.name not in _COMPUTE]
     if unknown:
@@ -367,12 +372,16 @@ def compute_features(
     columns: dict[str, np.ndarray] = {
         name: np.empty(len(images), dtype=dtype) for name, dtype in dtypes.items()
     }
-    for start in range(0, len(images), _CHUNK):
-        chunk = _Chunk(images[start : start + _CHUNK])
-        for group in groups:
-            values = _COMPUTE[group.name](chunk)
-            for feature in group.features:
-                columns[feature.name][start : start + len(chunk.images)] = values[feature.name]
+    with ProgressReporter(
+        f"features of {imageset.source}", len(images), unit="image", log=log
+    ) as progress:
+        for start in range(0, len(images), _CHUNK):
+            chunk = _Chunk(images[start : start + _CHUNK])
+            for group in groups:
+                values = _COMPUTE[group.name](chunk)
+                for feature in group.features:
+                    columns[feature.name][start : start + len(chunk.images)] = values[feature.name]
+            progress.update(len(chunk.images))
     table = pd.DataFrame({"id": pd.Series(imageset.ids, dtype=object).astype(str), **columns})
     return table[feature_columns(groups)]
 

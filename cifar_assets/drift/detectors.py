@@ -24,6 +24,7 @@ that use it, because its import takes about 15 s.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self
@@ -32,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from cifar_assets.data.imageset import CLASSES
+from cifar_assets.progress import ProgressReporter
 
 if TYPE_CHECKING:
     from alibi_detect.cd import KSDrift, MMDDrift
@@ -274,7 +276,9 @@ class EmbeddingMMDDetector(_AlibiDetector):
         )
         return self
 
-    def score(self, batch: np.ndarray) -> DetectorResult:
+    def score(self, batch: np.ndarray, log: Callable[[str], None] | None = None) -> DetectorResult:
+        """The permutation test of one batch; its progress goes to ``log`` at least every 10 s
+        (and to a bar, see :mod:`cifar_assets.progress`)."""
         import torch
 
         detector: MMDDrift = self._require_fitted()
@@ -289,7 +293,9 @@ class EmbeddingMMDDetector(_AlibiDetector):
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed)
-                data = detector.predict(self._project(embeddings))["data"]
+                data = _mmd_permutation_test(
+                    detector, self._project(embeddings), self.n_permutations, self.p_val, log
+                )
         finally:
             torch.set_num_threads(threads)
         exceed = round(float(data["p_val"]) * self.n_permutations)
@@ -314,6 +320,44 @@ class EmbeddingMMDDetector(_AlibiDetector):
         )
 
 
+def _mmd_permutation_test(
+    detector: MMDDrift,
+    batch: np.ndarray,
+    n_permutations: int,
+    p_val: float,
+    log: Callable[[str], None] | None,
+) -> dict[str, float]:
+    """alibi-detect's own MMD permutation test (its pytorch ``MMDDriftTorch.score``: the kernel
+    matrix from the detector's fitted kernel, MMD² from alibi's ``mmd2_from_kernel_matrix``) with
+    the permutation loop written out so that it can report progress. The draws are the same
+    ``torch.randperm`` calls in the same order, so the result equals ``detector.predict`` (a test
+    compares them). Returns alibi's ``p_val``, ``distance`` and ``distance_threshold``."""
+    import torch
+    from alibi_detect.utils.pytorch import mmd2_from_kernel_matrix
+
+    backend = detector._detector
+    reference, current = backend.preprocess(batch)
+    kernel = backend.kernel_matrix(
+        torch.from_numpy(reference).to(backend.device), torch.from_numpy(current).to(backend.device)
+    )
+    kernel = kernel - torch.diag(kernel.diag())
+    n = current.shape[0]
+    observed = mmd2_from_kernel_matrix(kernel, n, permute=False, zero_diag=False).cpu()
+    permuted = torch.empty(n_permutations)
+    with ProgressReporter(
+        f"MMD permutation test ({n} images)", n_permutations, unit="permutation", log=log
+    ) as progress:
+        for index in range(n_permutations):
+            permuted[index] = mmd2_from_kernel_matrix(kernel, n, permute=True, zero_diag=False)
+            progress.update()
+    threshold = torch.sort(permuted, descending=True).values[int(p_val * n_permutations)]
+    return {
+        "p_val": float((observed <= permuted).float().mean()),
+        "distance": float(observed),
+        "distance_threshold": float(threshold),
+    }
+
+
 class SoftmaxKSDetector(_AlibiDetector):
     """KS test per softmax output (black-box shift detection), Bonferroni-corrected.
 
@@ -331,6 +375,10 @@ class SoftmaxKSDetector(_AlibiDetector):
         probabilities = check_probabilities(reference, "reference probabilities")
         self._alibi = KSDrift(probabilities, p_val=self.p_val, correction="bonferroni")
         return self
+
+    def reference_probabilities(self) -> np.ndarray:
+        """The softmax outputs the detector was fitted on (N, classes)."""
+        return np.asarray(self._require_fitted().x_ref, dtype=np.float32)
 
     def score(self, batch: np.ndarray) -> DetectorResult:
         detector: KSDrift = self._require_fitted()

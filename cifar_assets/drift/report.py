@@ -25,6 +25,7 @@ turns true.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,12 @@ import numpy as np
 import pandas as pd
 
 from cifar_assets.drift.baseline import DriftBaseline, labelled_correct
-from cifar_assets.drift.detectors import DetectorResult, DriftDetectorError, check_probabilities
+from cifar_assets.drift.detectors import (
+    DetectorResult,
+    DriftDetectorError,
+    check_probabilities,
+    entropy,
+)
 
 
 @dataclass(frozen=True)
@@ -135,8 +141,10 @@ def check_batch(
     probabilities: np.ndarray,
     features: pd.DataFrame,
     labels: np.ndarray | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> DriftReport:
-    """Run every detector of ``baseline`` on one batch (rows of the inputs are the same images)."""
+    """Run every detector of ``baseline`` on one batch (rows of the inputs are the same images).
+    The MMD permutation test, the one slow part, reports its progress to ``log``."""
     probabilities = check_probabilities(probabilities, "batch probabilities")
     n = probabilities.shape[0]
     for what, rows in (("batch embeddings", len(embeddings)), ("batch features", len(features))):
@@ -145,7 +153,7 @@ def check_batch(
                 f"{what}: {rows} rows, but the probabilities have {n}; pass the embeddings, "
                 "probabilities and features of the same images in the same order."
             )
-    mmd = baseline.mmd.score(embeddings)
+    mmd = baseline.mmd.score(embeddings, log=log)
     softmax = baseline.softmax_ks.score(probabilities)
     uncertainty = baseline.uncertainty.score(probabilities)
     feature_result = baseline.features.score(features)
@@ -222,6 +230,73 @@ def feature_distribution_png(
         axis.hist(batch, bins=bins, density=True, alpha=0.55, label="batch")
         axis.set_title(f"{name} (KS {ks_2samp(reference, batch).statistic:.2f})", fontsize=10)
         axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+    return path
+
+
+def drift_overview_png(
+    report: DriftReport, baseline: DriftBaseline, batch_probabilities: np.ndarray, path: Path
+) -> Path:
+    """One picture of a drift check: each detector's p-value against its threshold (a bar past
+    the line is a flag), the predicted classes and the prediction entropy of the reference against
+    the batch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cifar_assets.data.imageset import CLASSES
+
+    batch = check_probabilities(batch_probabilities, "batch probabilities")
+    reference = baseline.softmax_ks.reference_probabilities()
+    if batch.shape[1] != reference.shape[1]:
+        raise DriftDetectorError(
+            f"drift_overview_png: the batch has {batch.shape[1]} classes, the baseline "
+            f"{reference.shape[1]}; pass the probabilities the report was computed on."
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure, (test_axis, class_axis, entropy_axis) = plt.subplots(1, 3, figsize=(14, 3.8))
+
+    names = [result.name for result in report.results]
+    strength = [-np.log10(max(result.p_value, 1e-300)) for result in report.results]
+    limits = [-np.log10(result.threshold) for result in report.results]
+    colours = ["tab:red" if result.drift else "tab:blue" for result in report.results]
+    rows = np.arange(len(names))
+    test_axis.barh(rows, np.minimum(strength, 20.0), color=colours)
+    test_axis.scatter(limits, rows, marker="|", s=400, color="black", label="threshold")
+    test_axis.set_yticks(rows, names)
+    test_axis.invert_yaxis()
+    test_axis.set_xlabel("-log10 p-value (capped at 20)")
+    verdict = "DRIFT" if report.drift else "no drift"
+    test_axis.set_title(f"{verdict}: score {report.score:.3f}, n = {report.n}", fontsize=10)
+    test_axis.legend(fontsize=8, loc="lower right")
+
+    classes = list(CLASSES) if reference.shape[1] == len(CLASSES) else None
+    count = reference.shape[1]
+    shares = [
+        np.bincount(values.argmax(axis=1), minlength=count) / max(len(values), 1)
+        for values in (reference, batch)
+    ]
+    positions = np.arange(count)
+    class_axis.bar(positions - 0.2, shares[0], width=0.4, label="reference")
+    class_axis.bar(positions + 0.2, shares[1], width=0.4, label="batch")
+    class_axis.set_xticks(positions, classes or [str(i) for i in positions], rotation=60)
+    class_axis.set_ylabel("share of predictions")
+    class_axis.set_title("predicted classes", fontsize=10)
+    class_axis.legend(fontsize=8)
+
+    reference_entropy, batch_entropy = entropy(reference), entropy(batch)
+    bins = np.linspace(0.0, np.log(count), 31)
+    entropy_axis.hist(reference_entropy, bins=bins, density=True, alpha=0.55, label="reference")
+    entropy_axis.hist(batch_entropy, bins=bins, density=True, alpha=0.55, label="batch")
+    entropy_axis.set_xlabel("prediction entropy (nats)")
+    entropy_axis.set_title(
+        f"uncertainty: mean {reference_entropy.mean():.2f} -> {batch_entropy.mean():.2f}",
+        fontsize=10,
+    )
+    entropy_axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=80)
     plt.close(figure)

@@ -3,6 +3,7 @@ analysis: the 512-dimensional average-pooled features that the final linear laye
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -16,17 +17,27 @@ EMBEDDING_DIM = 512
 
 
 def embed(
-    model: torch.nn.Module, images: np.ndarray, batch_size: int = 256, device: str = "cpu"
+    model: torch.nn.Module,
+    images: np.ndarray,
+    batch_size: int = 256,
+    device: str = "cpu",
+    log: Callable[[str], None] | None = None,
 ) -> np.ndarray:
     """float32 (N, 512) features: the network's forward pass without its final ``fc`` layer."""
-    return batched_forward(model, images, batch_size, device, forward=_features)
+    return batched_forward(
+        model, images, batch_size, device, forward=_features, log=log, what="embeddings"
+    )
 
 
 def predict_proba(
-    model: torch.nn.Module, images: np.ndarray, batch_size: int = 256, device: str = "cpu"
+    model: torch.nn.Module,
+    images: np.ndarray,
+    batch_size: int = 256,
+    device: str = "cpu",
+    log: Callable[[str], None] | None = None,
 ) -> np.ndarray:
     """float32 (N, classes) softmax probabilities."""
-    return softmax(predict_logits(model, images, batch_size, device)).astype(np.float32)
+    return softmax(predict_logits(model, images, batch_size, device, log=log)).astype(np.float32)
 
 
 def _features(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cifar_assets.data.imageset import CLASSES
+from cifar_assets.progress import ProgressReporter
 
 if TYPE_CHECKING:
     import torch
@@ -74,10 +75,14 @@ class Evaluation:
 
 
 def predict_logits(
-    model: torch.nn.Module, images: np.ndarray, batch_size: int = 256, device: str = "cpu"
+    model: torch.nn.Module,
+    images: np.ndarray,
+    batch_size: int = 256,
+    device: str = "cpu",
+    log: Callable[[str], None] | None = None,
 ) -> np.ndarray:
     """float32 logits (N, classes) for uint8 images (N, 32, 32, 3), in eval mode."""
-    return batched_forward(model, images, batch_size, device)
+    return batched_forward(model, images, batch_size, device, log=log, what="predictions")
 
 
 def batched_forward(
@@ -86,9 +91,12 @@ def batched_forward(
     batch_size: int,
     device: str,
     forward: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None,
+    log: Callable[[str], None] | None = None,
+    what: str = "forward pass",
 ) -> np.ndarray:
     """Run ``forward(model, batch)`` (default: the model itself) over normalised batches of uint8
-    NHWC images under inference mode and stack the float32 outputs.
+    NHWC images under inference mode and stack the float32 outputs. Progress, named ``what``,
+    goes to ``log`` at least every 10 s and to a bar (:mod:`cifar_assets.progress`).
 
     The model is put in eval mode and on ``device`` for the call, then returned to its former
     mode and device: callers keep the model they passed in.
@@ -105,11 +113,15 @@ def batched_forward(
     model.to(device).eval()
     outputs = []
     try:
-        with torch.inference_mode():
+        with (
+            torch.inference_mode(),
+            ProgressReporter(what, len(images), unit="image", log=log) as progress,
+        ):
             # max(..., 1): an empty input still runs once, so the output keeps its width.
             for start in range(0, max(len(images), 1), batch_size):
                 batch = torch.from_numpy(normalise_uint8(images[start : start + batch_size]))
                 outputs.append(run(model, batch.to(device)).float().cpu().numpy())
+                progress.update(len(batch))
     finally:
         model.to(former_device).train(was_training)
     return np.concatenate(outputs).astype(np.float32, copy=False)

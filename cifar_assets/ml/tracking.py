@@ -18,7 +18,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 LOCAL_UI_URL = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local (sqlite/file) store
 PARENT_RUN_TAG = "mlflow.parentRunId"
+MONITORING_EXPERIMENT_PREFIX = "monitoring/"  # + the registered model name
 _BATCH_LIMIT = 100  # MLflow's log_batch accepts at most 100 params and 1000 metrics per call
 
 
@@ -299,6 +300,38 @@ def log_artifact(
         )
     root = client.get_run(run_id).info.artifact_uri.rstrip("/")
     return f"{root}/{relative}" if relative else root
+
+
+def log_monitoring_run(
+    tracking_uri: str,
+    model_name: str,
+    run_name: str,
+    tags: Mapping[str, Any],
+    params: Mapping[str, Any],
+    metrics: Mapping[str, float | None],
+    files: Iterable[Path],
+    artifact_location: str | None = None,
+) -> str:
+    """One finished run in the experiment ``monitoring/<model name>`` holding a monitoring result
+    (a drift check, an A/B report): its params, its metrics (None values left out), and its files,
+    pictures and report JSON, as artifacts. Returns the run id.
+
+    Monitoring results sit in their own experiment so that the model's experiment keeps only
+    training runs, and the MLflow UI can chart a drift score or an A/B accuracy over time."""
+    with tracking_run(
+        tracking_uri,
+        MONITORING_EXPERIMENT_PREFIX + model_name,
+        run_name,
+        tags,
+        artifact_location,
+    ) as run_id:
+        log_params(tracking_uri, run_id, params)
+        numbers = {key: float(value) for key, value in metrics.items() if value is not None}
+        if numbers:
+            log_epoch_metrics(tracking_uri, run_id, 0, numbers)
+        for path in files:
+            log_artifact(tracking_uri, run_id, path)
+    return run_id
 
 
 def ui_base_url(tracking_uri: str) -> str:

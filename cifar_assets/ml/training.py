@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from cifar_assets.data.imageset import ImageSet
 from cifar_assets.ml.model import CIFAR_MEAN, CIFAR_STD, Architecture
+from cifar_assets.progress import progress_bar
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -284,6 +285,8 @@ def train(
             return batch.contiguous()
 
         call_images, call_seconds = 0, 0.0
+        # The command-line bar (None when CIFAR_PROGRESS_BAR=0); on_progress feeds the run log.
+        bar = progress_bar(total_steps, "training", "step", initial=global_step)
         for epoch in range(start_epoch + 1, last_epoch + 1):
             epoch_steps = min(steps_per_epoch, total_steps - global_step)
             model.train()
@@ -317,9 +320,16 @@ def train(
                 loss_sum += loss.detach() * len(index)
                 correct += (logits.detach().argmax(1) == targets).sum()
                 global_step += 1
+                if bar is not None:
+                    bar.update(1)
 
                 now = time.perf_counter()
-                if on_progress is not None and now - last_report >= progress_interval_s:
+                # Due when the next step would pass the interval: gaps stay under it.
+                step_seconds = (now - epoch_started) / step
+                if (
+                    on_progress is not None
+                    and now - last_report + step_seconds >= progress_interval_s
+                ):
                     last_report = now
                     rate = step * config.batch_size / (now - epoch_started)
                     on_progress(
@@ -359,6 +369,11 @@ def train(
                 lr=lr,
             )
             history.append(metrics)
+            if bar is not None:
+                shown = {"epoch": epoch, "loss": f"{metrics.train_loss:.3f}"}
+                if val_accuracy is not None:
+                    shown["val_acc"] = f"{val_accuracy:.3f}"
+                bar.set_postfix(shown)
             _write_checkpoint(
                 checkpoint_path,
                 {
@@ -376,6 +391,8 @@ def train(
             )
             if on_epoch is not None:
                 on_epoch(metrics)
+        if bar is not None:
+            bar.close()
 
         model = model.to("cpu").to(memory_format=torch.contiguous_format).eval()
     if call_seconds > 0:
@@ -458,12 +475,22 @@ def _build_run(
         optimizer,
         max_lr=config.lr,
         total_steps=total_steps,
-        pct_start=config.warmup_fraction,
+        pct_start=_onecycle_warmup(config.warmup_fraction, total_steps),
         anneal_strategy="linear",
         cycle_momentum=False,
     )
     generator = torch.Generator().manual_seed(config.seed)
     return model, optimizer, scheduler, generator
+
+
+def _onecycle_warmup(warmup_fraction: float, total_steps: int) -> float:
+    """``pct_start`` for OneCycleLR. Its warm-up phase ends at step ``pct_start * total - 1``;
+    when that is exactly 0 (say 4 steps at 0.25) the phase has zero length and torch divides by
+    zero. Ending it half a step later gives the same schedule: the first step still runs at the
+    initial rate and the peak comes next."""
+    if abs(warmup_fraction * total_steps - 1.0) < 1e-9:
+        return 1.5 / total_steps
+    return warmup_fraction
 
 
 def _epoch_indices(
