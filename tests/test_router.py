@@ -1,5 +1,7 @@
 """The A/B router on a real tritonserver: weighted sticky split, weight changes and deployment
-under load without failed requests, traffic capture and feedback, and a stop that loses nothing.
+under load without failed requests, the two execution modes (inprocess and bls) answering alike,
+unloaded versions refused and rewritten model files picked up, traffic capture and feedback, and a
+stop that loses nothing.
 
 The tests share one server and run in file order; each leaves versions 1 and 2 live with weights
 {1: 0.9, 2: 0.1}, as the fixture started them.
@@ -9,9 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import math
+import shutil
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -182,6 +186,176 @@ def test_deploying_a_version_under_load_fails_no_request(triton_server: ServingE
     repository.set_live_versions(env.http_url, [1, 2, 3], repo=repo, state_dir=state)
     repository.set_ab_weights({1: 0.9, 2: 0.1}, state_dir=state)
     repository.set_live_versions(env.http_url, [1, 2], repo=repo, state_dir=state)
+
+
+def _users_of(version: int, count: int) -> list[str]:
+    """Users that weights {1: 0.9, 2: 0.1} send to ``version``."""
+    users = (f"user-{i}" for i in range(10_000))
+    return [u for u in users if (_hash_fraction(u) < 0.9) == (version == 1)][:count]
+
+
+def _load_router(env: ServingEnv, execution: str | None) -> None:
+    repository.load_router(
+        env.http_url,
+        repo=env.repo,
+        state_dir=env.state_dir,
+        capture_dir=env.capture_dir,
+        capture_input_sample_rate=env.config.capture_input_sample_rate,
+        execution=execution,
+    )
+
+
+def _wait_until(check: Callable[[], bool], what: str, timeout_s: float = 5.0) -> None:
+    """Poll ``check()`` until it is true; the router re-checks versions at least once a second."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, f"not within {timeout_s} s: {what}"
+        time.sleep(0.1)
+
+
+def test_load_router_refuses_an_unknown_execution_mode(triton_server: ServingEnv) -> None:
+    with pytest.raises(repository.RepositoryError, match="use one of inprocess, bls"):
+        _load_router(triton_server, "remote")
+
+
+def test_inprocess_and_bls_answer_with_identical_logits(triton_server: ServingEnv) -> None:
+    env = triton_server
+    images = np.random.default_rng(8).integers(0, 256, size=(4, 32, 32, 3), dtype=np.uint8)
+    payloads = {"uint8": images, "float": normalise_uint8(images)}
+    users = {version: _users_of(version, 2) for version in (1, 2)}
+
+    def answers() -> dict[tuple[int, str, str, str], tuple[int, np.ndarray]]:
+        out = {}
+        for version, names in users.items():
+            for user in names:
+                for kind, payload in payloads.items():
+                    for protocol, url in (("http", env.http_url), ("grpc", env.grpc_url)):
+                        result = infer_ab(payload, user, url=url, protocol=protocol)  # type: ignore[arg-type]
+                        out[version, user, kind, protocol] = (result.served_version, result.logits)
+        return out
+
+    inprocess = answers()
+    _load_router(env, "bls")
+    try:
+        bls = answers()
+    finally:
+        _load_router(env, None)  # back to the committed default, inprocess
+    for key, (served, logits) in inprocess.items():
+        version = key[0]
+        assert served == bls[key][0] == version, key
+        # Same file, same ONNX Runtime options, same normalisation: the same bits.
+        np.testing.assert_array_equal(logits, bls[key][1], err_msg=str(key))
+        expected = ort_logits(env.onnx[version], normalise_uint8(images))
+        np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+
+    # Concurrent requests of both versions and both inputs share dynamic batches: one ONNX
+    # Runtime call per version, split back per request.
+    jobs = [
+        (user, kind, version)
+        for version, names in users.items()
+        for user in names
+        for kind in payloads
+    ] * 4
+    with ThreadPoolExecutor(8) as pool:
+        results = list(
+            pool.map(
+                lambda job: infer_ab(payloads[job[1]], job[0], url=env.grpc_url, protocol="grpc"),
+                jobs,
+            )
+        )
+    for (_, _, version), result in zip(jobs, results, strict=True):
+        assert result.served_version == version
+        expected = ort_logits(env.onnx[version], normalise_uint8(images))
+        np.testing.assert_allclose(result.logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def _serve_versions_directly(env: ServingEnv, versions: list[int]) -> None:
+    """Reload cifar10_resnet18 with only ``versions``, past set_live_versions' weight check
+    (as an operator's unload during a rollback would)."""
+    import tritonclient.http as httpclient
+    from google.protobuf import json_format, text_format
+    from tritonclient.grpc import model_config_pb2
+
+    text = (env.repo / repository.MODEL_NAME / "config.pbtxt").read_text()
+    config = text_format.Parse(text, model_config_pb2.ModelConfig())
+    config.version_policy.specific.versions[:] = versions
+    httpclient.InferenceServerClient(env.http_url).load_model(
+        repository.MODEL_NAME,
+        config=json_format.MessageToJson(config, preserving_proto_field_name=True),
+    )
+
+
+def test_a_version_unloaded_from_triton_is_no_longer_served(triton_server: ServingEnv) -> None:
+    env = triton_server
+    [on_one], [on_two] = _users_of(1, 1), _users_of(2, 1)
+    assert infer_ab(IMAGE, on_two, url=env.http_url).served_version == 2
+    refused: list[ServingError] = []
+
+    def two_is_refused() -> bool:
+        try:
+            infer_ab(IMAGE, on_two, url=env.http_url)
+        except ServingError as exc:
+            refused.append(exc)
+            return True
+        return False
+
+    _serve_versions_directly(env, [1])  # the weights still send 10 % to version 2
+    try:
+        _wait_until(two_is_refused, "the router refuses version 2 once Triton unloaded it")
+        assert refused[0].status == "503"
+        message = str(refused[0])
+        assert "cifar10_resnet18 version 2: that version is not live" in message
+        assert "set weights for live versions with set_ab_weights" in message
+        assert infer_ab(IMAGE, on_one, url=env.http_url).served_version == 1
+    finally:
+        repository.set_live_versions(env.http_url, [1, 2], repo=env.repo, state_dir=env.state_dir)
+    _wait_until(
+        lambda: infer_ab(IMAGE, on_two, url=env.http_url).served_version == 2,
+        "version 2 is served again once it is live",
+    )
+
+
+def test_a_rewritten_model_file_is_picked_up(triton_server: ServingEnv) -> None:
+    env = triton_server
+    [user] = _users_of(2, 1)
+    served_file = env.repo / repository.MODEL_NAME / "2" / "model.onnx"
+    expected = {v: ort_logits(env.onnx[v], normalise_uint8(IMAGE)) for v in (1, 2)}
+
+    def replace_with(source: Path) -> None:
+        tmp = served_file.with_name(".model.onnx.tmp")
+        shutil.copyfile(source, tmp)
+        tmp.replace(served_file)
+
+    def serves(version_file: int) -> bool:
+        try:
+            result = infer_ab(IMAGE, user, url=env.grpc_url, protocol="grpc")
+        except ServingError:  # still refused: the router re-checks files once a second
+            return False
+        assert result.served_version == 2
+        return bool(np.allclose(result.logits, expected[version_file], rtol=1e-5, atol=1e-5))
+
+    def refused() -> bool:
+        try:
+            infer_ab(IMAGE, user, url=env.http_url)
+        except ServingError as exc:
+            broken.append(exc)
+            return True
+        return False
+
+    broken: list[ServingError] = []
+    assert serves(2)
+    replace_with(env.onnx[1])
+    try:
+        _wait_until(lambda: serves(1), "the router runs the rewritten model.onnx of version 2")
+        garbage = env.repo / "garbage.onnx"
+        garbage.write_bytes(b"not an onnx model")
+        replace_with(garbage)
+        _wait_until(refused, "the router refuses version 2 with an unreadable model.onnx")
+        assert broken[0].status == "500"
+        assert f"cannot run {served_file} in process" in str(broken[0])
+    finally:
+        replace_with(env.onnx[2])
+    _wait_until(lambda: serves(2), "the router runs the restored model.onnx of version 2")
 
 
 def test_capture_matches_requests_and_feedback_joins(triton_server: ServingEnv) -> None:

@@ -41,6 +41,9 @@ LIVE_VERSIONS_FILE = "live_versions.json"
 AB_WEIGHTS_FILE = "ab_weights.json"
 ONNX_INPUT = "input"
 ONNX_OUTPUT = "logits"
+# How the router runs the chosen version: "inprocess" (its own ONNX Runtime session on the
+# version's model.onnx) or "bls" (a BLS call to cifar10_resnet18); see ab_router_model.py.
+ROUTER_EXECUTION_MODES = ("inprocess", "bls")
 
 
 class RepositoryError(ValueError):
@@ -352,11 +355,23 @@ def load_router(
     state_dir: Path,
     capture_dir: Path,
     capture_input_sample_rate: float = 0.1,
+    execution: str | None = None,
 ) -> None:
-    """Load cifar10_ab with the absolute paths of its weights file and capture folder."""
+    """Load cifar10_ab with the absolute paths of its weights file and capture folder.
+
+    ``execution`` is ``"inprocess"`` or ``"bls"`` (see ROUTER_EXECUTION_MODES); None keeps the
+    committed config's (``inprocess``). Loading again with another mode switches a running
+    server's router over without touching the versions it serves.
+    """
     if not 0.0 <= capture_input_sample_rate <= 1.0:
         raise RepositoryError(
             f"capture_input_sample_rate={capture_input_sample_rate} is outside [0, 1]."
+        )
+    if execution is not None and execution not in ROUTER_EXECUTION_MODES:
+        raise RepositoryError(
+            f"Router execution {execution!r} is unknown; use one of "
+            f"{', '.join(ROUTER_EXECUTION_MODES)} (inprocess: the router runs the version's "
+            "model.onnx itself; bls: it forwards to cifar10_resnet18)."
         )
     install_router(repo)
     config = _config_override(repo, ROUTER_NAME)
@@ -366,6 +381,8 @@ def load_router(
         "capture_dir": str(capture_dir.resolve()),
         "capture_input_sample_rate": repr(float(capture_input_sample_rate)),
     }
+    if execution is not None:
+        parameters["execution"] = execution
     for key, value in parameters.items():
         config.parameters[key].string_value = value
     capture_dir.mkdir(parents=True, exist_ok=True)
@@ -379,6 +396,7 @@ def restore_models(
     state_dir: Path,
     capture_dir: Path,
     capture_input_sample_rate: float = 0.1,
+    execution: str | None = None,
 ) -> list[int]:
     """Load the persisted live versions (if any were ever set) and the router: what a fresh
     server needs to serve as before its restart. Returns the live versions."""
@@ -391,6 +409,7 @@ def restore_models(
         state_dir=state_dir,
         capture_dir=capture_dir,
         capture_input_sample_rate=capture_input_sample_rate,
+        execution=execution,
     )
     return live
 

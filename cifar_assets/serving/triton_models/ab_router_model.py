@@ -1,7 +1,8 @@
 """Triton python-backend model: the A/B router in front of ``cifar10_resnet18``.
 
 Copied to ``cifar10_ab/1/model.py`` by ``cifar_assets.serving.repository.install_router``. Runs
-inside Triton's python-backend stub, so it is self-contained (numpy only).
+inside Triton's python-backend stub, so it is self-contained: numpy, and onnxruntime in the
+``inprocess`` execution mode, never the ``cifar_assets`` package.
 
 Each request goes to one live version of the target model, chosen by a deterministic hash of its
 ``user_id`` request parameter against the weights in the JSON file named by the ``ab_weights_file``
@@ -11,15 +12,29 @@ have none. The file is re-read when it changes, checked by one ``stat`` per batc
 so once ``set_ab_weights`` has replaced the file the next batch uses the new weights; it is also
 re-read at least once a second.
 
-To keep the extra hop cheap, a whole dynamic batch is routed at once: its requests are grouped by
-(version, input), each group becomes one BLS call, the groups run concurrently with ``async_exec``,
-and a group of one request forwards its input tensor untouched.
+The ``execution`` config parameter says how the chosen version runs:
+
+- ``inprocess`` (default): the router runs the version's ``model.onnx`` (the target model's
+  folder, a sibling of the router's) with ONNX Runtime itself, with the classifier's session
+  options (``intra_op_threads``, ``allow_spinning``) and its normalisation of uint8 pixels. That
+  saves the second python-backend hop of ``bls``: on 2 cores it was most of the router's cost at
+  batch 1. One session per weighted version, created when the weights are (re)read, dropped when
+  the version leaves the weights, and re-created when its ``model.onnx`` changes (inode, mtime,
+  size). At every re-read (at least once a second) each weighted version is asked
+  ``is_model_ready`` on the target model: a version that Triton no longer serves (a rollback
+  unloaded it) is refused with UNAVAILABLE, as ``bls`` refuses it. A dynamic batch becomes one
+  ONNX Runtime call per version.
+- ``bls``: a whole dynamic batch is routed at once: its requests are grouped by (version, input),
+  each group becomes one BLS call to the target model's version, the groups run concurrently
+  with ``async_exec``, and a group of one request forwards its input tensor untouched. For
+  servers whose versions run elsewhere (the native onnxruntime backend, a GPU).
 
 Every routed image is recorded (UTC time, request id, user, served version, predicted class,
 confidence, router latency) by a background thread that appends JSON lines under ``capture_dir``
 at least once a second and on ``finalize``; a ``capture_input_sample_rate`` share of the requests,
 chosen by a hash of the request id, also has its pixels kept as uint8 ``.npz`` chunks (256 images
-or 10 s, whichever comes first, and on ``finalize``) for drift detection. The file layout is the one ``cifar_assets.serving.capture`` reads.
+or 10 s, whichever comes first, and on ``finalize``) for drift detection. The file layout is the
+one ``cifar_assets.serving.capture`` reads.
 """
 
 from __future__ import annotations
@@ -35,13 +50,14 @@ import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 UINT8_INPUT = "images_uint8"
 FLOAT_INPUT = "input"
+# Keep in step with classifier_model.py and cifar_assets.ml.model (a test compares the outputs).
 CIFAR_MEAN = np.asarray((0.4914, 0.4822, 0.4465), dtype=np.float32)
 CIFAR_STD = np.asarray((0.2470, 0.2435, 0.2616), dtype=np.float32)
 GOLDEN = 0.6180339887498949
@@ -52,12 +68,19 @@ WEIGHTS_MAX_AGE_S = 1.0
 # Pixels go out in chunks of up to 256 images, at least every 10 s: fewer, larger files.
 INPUT_CHUNK_IMAGES = 256
 INPUT_FLUSH_INTERVAL_S = 10.0
+EXECUTION_MODES = ("inprocess", "bls")
 _STOP = object()
 
 
 def hash_fraction(key: str) -> float:
     """A stable number in [0, 1) from a string (Python's own hash() is salted per process)."""
     return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2.0**64
+
+
+def normalise_uint8(images: np.ndarray) -> np.ndarray:
+    """uint8 NHWC pixels to normalised float32 NCHW, exactly as classifier_model.py does."""
+    scaled = images.astype(np.float32) / 255.0
+    return np.ascontiguousarray(((scaled - CIFAR_MEAN) / CIFAR_STD).transpose(0, 3, 1, 2))
 
 
 def to_uint8(batch: np.ndarray) -> np.ndarray:
@@ -170,6 +193,56 @@ class CaptureWriter:
                 next_flush = time.monotonic() + FLUSH_INTERVAL_S
 
 
+class Routed(NamedTuple):
+    """One request that passed the checks, and the version it goes to."""
+
+    position: int  # in the batch of requests
+    version: int
+    tensor: Any  # pb_utils.Tensor: images_uint8 or input
+    request_id: str
+    user_id: str | None
+
+
+class LocalVersion:
+    """One version's model.onnx in an ONNX Runtime session of the router's own (inprocess)."""
+
+    def __init__(self, path: Path, key: tuple[int, int, int], options: Any) -> None:
+        import onnxruntime as ort
+
+        self.path = path
+        self.key = key
+        self.session = ort.InferenceSession(
+            str(path), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        logits = self.session.run([self.output_name], {self.input_name: batch})[0]
+        return np.ascontiguousarray(logits, dtype=np.float32)
+
+
+def session_options(parameters: dict[str, str], model_name: str) -> Any:
+    """The classifier's ONNX Runtime options, from the same config parameters."""
+    import onnxruntime as ort
+
+    threads = parameters.get("intra_op_threads", "1")
+    spinning = parameters.get("allow_spinning", "0")
+    if not threads.isdigit() or spinning not in ("0", "1"):
+        raise pb_utils.TritonModelException(
+            f"{model_name}: config parameters intra_op_threads={threads!r} and "
+            f"allow_spinning={spinning!r}; use a whole number of threads (0 = ONNX Runtime's "
+            "choice) and 0 or 1, as in cifar10_resnet18's config.pbtxt."
+        )
+    options = ort.SessionOptions()
+    # The cores are shared with the HTTP/gRPC threads and the stubs: see the classifier's config.
+    options.intra_op_num_threads = int(threads)
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return options
+
+
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
@@ -184,6 +257,12 @@ class TritonPythonModel:
                 "must be absolute paths; load the router with "
                 "cifar_assets.serving.repository.load_router (cifar-triton start does)."
             )
+        self.execution = parameters.get("execution", "inprocess")
+        if self.execution not in EXECUTION_MODES:
+            raise pb_utils.TritonModelException(
+                f"{self.model_name}: config parameter execution={self.execution!r}; use one of "
+                f"{', '.join(EXECUTION_MODES)} (load_router(..., execution=...) sets it)."
+            )
         self.weights_path = Path(weights_file)
         self.weights_key: tuple[int, int, int] | None = None
         self.weights_read_at = 0.0
@@ -191,11 +270,29 @@ class TritonPythonModel:
         self.versions: list[int] = []
         self.cumulative: list[float] = []
         self.counter = 0
-        labels_path = Path(args["model_repository"]) / "labels.txt"
-        labels = labels_path.read_text().split()
+        router_dir = Path(args["model_repository"])
+        labels = (router_dir / "labels.txt").read_text().split()
+        # inprocess: the target model's folder, the sessions of the weighted versions, and why
+        # each weighted version without a session is refused.
+        self.target_dir = router_dir.parent / self.target
+        self.options = (
+            session_options(parameters, self.model_name) if self.execution == "inprocess" else None
+        )
+        self.local: dict[int, LocalVersion] = {}
+        self.refused: dict[int, tuple[str, Any]] = {}
+        # version -> (file key, error) of a model.onnx that could not be loaded: not retried
+        # until the file changes.
+        self.failed: dict[int, tuple[tuple[int, int, int] | None, str]] = {}
         self.capture = CaptureWriter(
             Path(capture_dir), float(parameters.get("capture_input_sample_rate", "0")), labels
         )
+        if self.execution == "inprocess":
+            # Build the sessions now rather than in the first request, when the weights exist.
+            try:
+                self._refresh_weights()
+            except Exception as exc:
+                print(f"{self.model_name}: weights not read at load ({exc})", file=sys.stderr)
+                self.weights_key = None
 
     def _refresh_weights(self) -> str | None:
         """Re-read the weights if the file changed; returns why routing is impossible, if it is."""
@@ -229,15 +326,59 @@ class TritonPythonModel:
                 f"{self.model_name}: {self.weights_path} is unusable ({exc}); rewrite it with "
                 "set_ab_weights."
             )
-            return None if self.versions else self.weights_problem
-        total = sum(w for _, w in pairs)
-        running = 0.0
-        self.versions, self.cumulative = [], []
-        for version, weight in pairs:
-            running += weight / total
-            self.versions.append(version)
-            self.cumulative.append(running)
-        return None
+        else:
+            total = sum(w for _, w in pairs)
+            running = 0.0
+            self.versions, self.cumulative = [], []
+            for version, weight in pairs:
+                running += weight / total
+                self.versions.append(version)
+                self.cumulative.append(running)
+        if self.execution == "inprocess":
+            self._sync_sessions()
+        return None if self.versions else self.weights_problem
+
+    def _not_live(self, version: int) -> str:
+        return (
+            f"{self.model_name} -> {self.target} version {version}: that version is not live, "
+            f"but the A/B weights in {self.weights_path} send traffic to it; set weights for "
+            "live versions with set_ab_weights."
+        )
+
+    def _sync_sessions(self) -> None:
+        """One session per weighted version that Triton serves, on its current model.onnx."""
+        for version in [v for v in self.local if v not in self.versions]:
+            del self.local[version]
+        self.refused = {}
+        for version in self.versions:
+            if not pb_utils.is_model_ready(model_name=self.target, model_version=str(version)):
+                self.local.pop(version, None)
+                self.refused[version] = (self._not_live(version), pb_utils.TritonError.UNAVAILABLE)
+                continue
+            path = self.target_dir / str(version) / "model.onnx"
+            key: tuple[int, int, int] | None = None
+            try:
+                status = os.stat(path)
+                key = (status.st_ino, status.st_mtime_ns, status.st_size)
+                current = self.local.get(version)
+                failed = self.failed.get(version)
+                if failed is not None and failed[0] == key:
+                    raise RuntimeError(failed[1])  # the same file failed before: no retry
+                if current is None or current.key != key:
+                    # Stat first: a file replaced during the load is loaded again next time.
+                    self.local[version] = LocalVersion(path, key, self.options)
+                self.failed.pop(version, None)
+            except Exception as exc:
+                self.local.pop(version, None)
+                message = (
+                    f"{self.model_name} -> {self.target} version {version}: cannot run {path} "
+                    f"in process ({exc}); rewrite the version with write_version, or load the "
+                    "router with execution='bls'."
+                )
+                if version not in self.failed:
+                    print(message, file=sys.stderr)
+                self.failed[version] = (key, str(exc))
+                self.refused[version] = (message, pb_utils.TritonError.INTERNAL)
 
     def _pick(self, fraction: float) -> int:
         for version, bound in zip(self.versions, self.cumulative, strict=True):
@@ -253,14 +394,9 @@ class TritonPythonModel:
         self.counter += 1
         return (self.counter * GOLDEN) % 1.0
 
-    async def execute(self, requests: list[Any]) -> list[Any]:
-        started = time.perf_counter()
-        responses: list[Any] = [None] * len(requests)
-        problem = self._refresh_weights()
-        if problem is not None:
-            return [error_response(problem, pb_utils.TritonError.UNAVAILABLE) for _ in requests]
-        # (version, input name) -> [(request index, tensor, request id, user id)]
-        groups: dict[tuple[int, str], list[tuple[int, Any, str, str | None]]] = {}
+    def _route(self, requests: list[Any], responses: list[Any]) -> list[Routed]:
+        """Check each request and pick its version; rejected ones get their error response."""
+        routed = []
         for index, request in enumerate(requests):
             images = pb_utils.get_input_tensor_by_name(request, UINT8_INPUT)
             floats = pb_utils.get_input_tensor_by_name(request, FLOAT_INPUT)
@@ -268,6 +404,12 @@ class TritonPythonModel:
                 responses[index] = error_response(
                     f"{self.model_name}: send exactly one of the inputs '{UINT8_INPUT}' (uint8 "
                     f"N,32,32,3) or '{FLOAT_INPUT}' (normalised float32 N,3,32,32)."
+                )
+                continue
+            tensor = images if images is not None else floats
+            if tensor.shape()[0] == 0:
+                responses[index] = error_response(
+                    f"{self.model_name}: the request holds no images; send at least one."
                 )
                 continue
             # Checked here as the target model checks it: errors that come back through BLS
@@ -286,16 +428,101 @@ class TritonPythonModel:
             user_id = None if user_id is None else str(user_id)
             given_id = request.request_id()
             version = self._pick(self._fraction(user_id, given_id))
-            tensor = images if images is not None else floats
-            groups.setdefault((version, tensor.name()), []).append(
-                (index, tensor, given_id or uuid.uuid4().hex, user_id)
-            )
+            routed.append(Routed(index, version, tensor, given_id or uuid.uuid4().hex, user_id))
+        return routed
 
-        async def forward(version: int, name: str, members: list[Any]) -> None:
+    def _record(self, member: Routed, values: np.ndarray, when: str, latency_ms: float) -> None:
+        pixels = None
+        if self.capture.sampled(member.request_id):
+            array = member.tensor.as_numpy()
+            pixels = array.copy() if member.tensor.name() == UINT8_INPUT else to_uint8(array)
+        self.capture.put(
+            {
+                "time": when,
+                "request_id": member.request_id,
+                "user_id": member.user_id,
+                "version": member.version,
+                "logits": np.array(values, dtype=np.float32),
+                "pixels": pixels,
+                "latency_ms": latency_ms,
+            }
+        )
+
+    def execute(self, requests: list[Any]) -> Any:
+        # bls returns a coroutine, which the stub runs on its event loop; inprocess returns the
+        # responses directly and so skips the hand-over to the event loop's thread.
+        if self.execution == "bls":
+            return self._execute_bls(requests)
+        return self._execute_inprocess(requests)
+
+    def _execute_inprocess(self, requests: list[Any]) -> list[Any]:
+        started = time.perf_counter()
+        responses: list[Any] = [None] * len(requests)
+        problem = self._refresh_weights()
+        if problem is not None:
+            return [error_response(problem, pb_utils.TritonError.UNAVAILABLE) for _ in requests]
+        groups: dict[int, list[Routed]] = {}
+        for member in self._route(requests, responses):
+            groups.setdefault(member.version, []).append(member)
+        for version, members in groups.items():
+            local = self.local.get(version)
+            if local is None:
+                message, code = self.refused.get(
+                    version, (self._not_live(version), pb_utils.TritonError.UNAVAILABLE)
+                )
+                for member in members:
+                    responses[member.position] = error_response(message, code)
+                continue
+            batches = []
+            for member in members:
+                array = member.tensor.as_numpy()
+                uint8 = member.tensor.name() == UINT8_INPUT
+                batches.append(normalise_uint8(array) if uint8 else array)
+            joined = batches[0] if len(batches) == 1 else np.concatenate(batches)
+            try:
+                logits = local.run(joined)
+            except Exception as exc:
+                message = (
+                    f"{self.model_name} -> {self.target} version {version}: ONNX Runtime failed "
+                    f"on {local.path}: {exc}"
+                )
+                for member in members:
+                    responses[member.position] = error_response(
+                        message, pb_utils.TritonError.INTERNAL
+                    )
+                continue
+            latency_ms = (time.perf_counter() - started) * 1000.0
+            when = datetime.now(UTC).isoformat(timespec="milliseconds")
+            start = 0
+            for member, batch in zip(members, batches, strict=True):
+                count = batch.shape[0]
+                values = logits[start : start + count]
+                start += count
+                served = np.full((count, 1), version, dtype=np.int64)
+                responses[member.position] = pb_utils.InferenceResponse(
+                    output_tensors=[
+                        pb_utils.Tensor("logits", values),
+                        pb_utils.Tensor("served_version", served),
+                    ]
+                )
+                self._record(member, values, when, latency_ms)
+        return responses
+
+    async def _execute_bls(self, requests: list[Any]) -> list[Any]:
+        started = time.perf_counter()
+        responses: list[Any] = [None] * len(requests)
+        problem = self._refresh_weights()
+        if problem is not None:
+            return [error_response(problem, pb_utils.TritonError.UNAVAILABLE) for _ in requests]
+        groups: dict[tuple[int, str], list[Routed]] = {}
+        for member in self._route(requests, responses):
+            groups.setdefault((member.version, member.tensor.name()), []).append(member)
+
+        async def forward(version: int, name: str, members: list[Routed]) -> None:
             if len(members) == 1:
-                inputs = [members[0][1]]
+                inputs = [members[0].tensor]
             else:
-                joined = np.concatenate([member[1].as_numpy() for member in members])
+                joined = np.concatenate([member.tensor.as_numpy() for member in members])
                 inputs = [pb_utils.Tensor(name, joined)]
             bls = pb_utils.InferenceRequest(
                 model_name=self.target,
@@ -305,26 +532,22 @@ class TritonPythonModel:
             )
             answer = await bls.async_exec()
             if answer.has_error():
-                message = f"{self.model_name} -> {self.target} version {version}: "
                 if pb_utils.is_model_ready(model_name=self.target, model_version=str(version)):
+                    message = f"{self.model_name} -> {self.target} version {version}: "
                     message += answer.error().message()
                     code = pb_utils.TritonError.INTERNAL
                 else:
-                    message += (
-                        f"that version is not live, but the A/B weights in {self.weights_path} "
-                        "send traffic to it; set weights for live versions with set_ab_weights."
-                    )
-                    code = pb_utils.TritonError.UNAVAILABLE
-                for index, *_ in members:
-                    responses[index] = error_response(message, code)
+                    message, code = self._not_live(version), pb_utils.TritonError.UNAVAILABLE
+                for member in members:
+                    responses[member.position] = error_response(message, code)
                 return
             logits = pb_utils.get_output_tensor_by_name(answer, "logits")
             whole = logits.as_numpy() if len(members) > 1 else None
             latency_ms = (time.perf_counter() - started) * 1000.0
-            now = datetime.now(UTC).isoformat(timespec="milliseconds")
+            when = datetime.now(UTC).isoformat(timespec="milliseconds")
             start = 0
-            for index, tensor, request_id, user_id in members:
-                count = tensor.shape()[0]
+            for member in members:
+                count = member.tensor.shape()[0]
                 if whole is None:
                     out = logits
                     values = logits.as_numpy()
@@ -333,27 +556,14 @@ class TritonPythonModel:
                     out = pb_utils.Tensor("logits", values)
                 start += count
                 served = np.full((count, 1), version, dtype=np.int64)
-                responses[index] = pb_utils.InferenceResponse(
+                responses[member.position] = pb_utils.InferenceResponse(
                     output_tensors=[out, pb_utils.Tensor("served_version", served)]
                 )
-                pixels = None
-                if self.capture.sampled(request_id):
-                    array = tensor.as_numpy()
-                    pixels = array.copy() if name == UINT8_INPUT else to_uint8(array)
-                self.capture.put(
-                    {
-                        "time": now,
-                        "request_id": request_id,
-                        "user_id": user_id,
-                        "version": version,
-                        "logits": np.array(values, dtype=np.float32),
-                        "pixels": pixels,
-                        "latency_ms": latency_ms,
-                    }
-                )
+                self._record(member, values, when, latency_ms)
 
         await asyncio.gather(*(forward(v, name, m) for (v, name), m in groups.items()))
         return responses
 
     def finalize(self) -> None:
+        self.local = {}
         self.capture.close()
