@@ -3,6 +3,9 @@ when a drift report says drift."""
 
 import json
 import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 import dagster as dg
 
@@ -46,21 +49,85 @@ class RetrainingPolicy(dg.Config):
     challenger_share: float = 0.1
 
 
-def retraining_run_config(batch: str, labelled: bool, challenger_share: float) -> dict:
-    """Run config of a retraining: the drifted batch joins the training data when it has labels,
-    the new version registers as challenger only, and Triton gives it ``challenger_share``."""
-    raw: dict = (
-        {"extra_batches": [str(stored_value_path("incoming_batch", batch))]} if labelled else {}
+class RetrainingConfigError(ValueError):
+    """The base run config of retraining runs (CIFAR_RETRAINING_CONFIG) is missing or invalid."""
+
+
+def load_retraining_base(path: Path) -> dict[str, Any]:
+    """The base run config of retraining runs: a YAML run config of ``retraining_job``
+    (``configs/retraining.yaml`` unless CIFAR_RETRAINING_CONFIG names another file)."""
+    import yaml
+
+    what_to_do = (
+        "Point CIFAR_RETRAINING_CONFIG at a YAML run config of retraining_job (the repository's "
+        "configs/retraining.yaml is one), or unset it to use that file; the drift report stays "
+        "unhandled until then and is picked up at the next tick."
     )
-    return {
+    if not path.is_file():
+        raise RetrainingConfigError(
+            f"The retraining base config {path} does not exist. {what_to_do}"
+        )
+    try:
+        base = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise RetrainingConfigError(
+            f"The retraining base config {path} is not valid YAML: {exc}. {what_to_do}"
+        ) from exc
+    if not isinstance(base, dict) or not isinstance(base.get("ops"), dict):
+        raise RetrainingConfigError(
+            f"The retraining base config {path} has no 'ops:' mapping at its top level (it holds "
+            f"{type(base).__name__} {str(base)[:80]!r}); without one the retraining would run "
+            f"with the GPU defaults of every asset. {what_to_do}"
+        )
+    extra = _raw_config(base).get("extra_batches", [])
+    if not isinstance(extra, list):
+        raise RetrainingConfigError(
+            f"The retraining base config {path} sets ops.cifar10_raw.config.extra_batches to "
+            f"{extra!r}; it must be a list of stored ImageSet files (or left out). {what_to_do}"
+        )
+    return base
+
+
+def _raw_config(base: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The ``cifar10_raw`` config of a run config; empty where the run config leaves it out."""
+    raw = base.get("ops", {}).get("cifar10_raw")
+    config = raw.get("config") if isinstance(raw, Mapping) else None
+    return config if isinstance(config, Mapping) else {}
+
+
+def _merged(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override`` laid over it: mappings merge key by key, anything else in
+    ``override`` replaces what ``base`` has."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merged(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def retraining_run_config(
+    batch: str, labelled: bool, challenger_share: float, base: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Run config of a retraining: ``base`` (the training recipe, see load_retraining_base) with
+    the per-batch settings laid over it. The drifted batch joins the training data when it has
+    labels (after any ``extra_batches`` the base lists), the new version registers as challenger
+    only, and Triton gives it ``challenger_share``; these win over what the base says."""
+    extra = list(_raw_config(base).get("extra_batches", []))
+    if labelled:
+        extra.append(str(stored_value_path("incoming_batch", batch)))
+    per_batch: dict[str, Any] = {
         "ops": {
-            "cifar10_raw": {"config": raw},
             "registered_model": {"config": {"promote_automatically": False}},
             "triton_deployment": {
                 "config": {"role": "challenger", "challenger_share": challenger_share}
             },
         }
     }
+    if extra:
+        per_batch["ops"]["cifar10_raw"] = {"config": {"extra_batches": extra}}
+    return _merged(base, per_batch)
 
 
 def evaluate_retraining(
@@ -68,6 +135,10 @@ def evaluate_retraining(
     cooldown_hours: float = RetrainingPolicy().cooldown_hours,
     challenger_share: float = RetrainingPolicy().challenger_share,
 ) -> dg.SensorResult | dg.SkipReason:
+    # Read first, so that a broken file fails every tick (red in the UI) rather than only the
+    # one that finds drift; the raised error leaves the cursor where it was, so the drift report
+    # is handled once the file is fixed.
+    base = load_retraining_base(get_settings().retraining_config)
     cursor = json.loads(context.cursor) if context.cursor else {}
     after = cursor.get("after_storage_id")
     records = context.instance.fetch_materializations(
@@ -113,7 +184,7 @@ def evaluate_retraining(
         run_requests=[
             dg.RunRequest(
                 run_key=f"retrain-{batch}-{latest.storage_id}",
-                run_config=retraining_run_config(batch, labelled, challenger_share),
+                run_config=retraining_run_config(batch, labelled, challenger_share, base),
                 tags={"drift_report": batch},
             )
         ],

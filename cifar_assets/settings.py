@@ -20,6 +20,7 @@ class Settings:
     storage_dir: Path  # CIFAR_STORAGE_DIR: asset values (npz, Parquet, weights, ONNX)
     incoming_dir: Path  # CIFAR_INCOMING_DIR: production batches dropped for drift checks
     capture_dir: Path  # CIFAR_CAPTURE_DIR: traffic captured by the A/B router
+    retraining_config: Path  # CIFAR_RETRAINING_CONFIG: base run config of drift retraining
     dagster_home: Path  # DAGSTER_HOME
     mlflow_tracking_uri: str  # MLFLOW_TRACKING_URI
     mlflow_experiment_name: str  # MLFLOW_EXPERIMENT_NAME
@@ -72,6 +73,9 @@ def get_settings() -> Settings:
         storage_dir=_path("CIFAR_STORAGE_DIR", var / "storage"),
         incoming_dir=_path("CIFAR_INCOMING_DIR", var / "incoming"),
         capture_dir=_path("CIFAR_CAPTURE_DIR", var / "capture"),
+        retraining_config=_path(
+            "CIFAR_RETRAINING_CONFIG", PROJECT_ROOT / "configs" / "retraining.yaml"
+        ),
         dagster_home=_path("DAGSTER_HOME", var / "dagster_home"),
         mlflow_tracking_uri=os.environ.get("MLFLOW_TRACKING_URI")
         or f"sqlite:///{var / 'mlflow' / 'mlflow.db'}",

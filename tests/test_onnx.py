@@ -27,8 +27,8 @@ from cifar_assets.ml.onnx_export import (
     require_parity,
     run_onnx,
 )
-from cifar_assets.ml.quantization import compare_int8, quantize_int8
-from cifar_assets.ml.training import TrainConfig, train
+from cifar_assets.ml.quantization import QuantReport, compare_int8, int8_verdict, quantize_int8
+from cifar_assets.ml.training import TrainConfig, TrainResult, train
 
 pytestmark = pytest.mark.slow
 
@@ -39,11 +39,16 @@ def data() -> tuple[ImageSet, ImageSet]:
 
 
 @pytest.fixture(scope="module")
-def model(
+def trained(
     data: tuple[ImageSet, ImageSet], tmp_path_factory: pytest.TempPathFactory
-) -> torch.nn.Module:
+) -> TrainResult:
     config = TrainConfig(epochs=2, batch_size=16, lr=0.02, stem="imagenet", num_threads=2)
-    return train(data[0], None, config, tmp_path_factory.mktemp("checkpoints")).model
+    return train(data[0], None, config, tmp_path_factory.mktemp("checkpoints"))
+
+
+@pytest.fixture(scope="module")
+def model(trained: TrainResult) -> torch.nn.Module:
+    return trained.model
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +77,9 @@ def test_parity_with_pytorch(
     assert report.n == 200
     assert report.top1_agreement >= 0.999
     assert report.max_abs_diff < 1e-4
-    require_parity(report)
+    reference = predict_logits(model, data[1].images[:200])
+    assert report.max_abs_logit == pytest.approx(float(np.abs(reference).max()))
+    assert require_parity(report) == max(1e-3, 1e-3 * report.max_abs_logit)
 
 
 def test_any_batch_size_runs(
@@ -89,9 +96,27 @@ def test_any_batch_size_runs(
 
 def test_require_parity_names_the_gap() -> None:
     with pytest.raises(ParityError, match=r"agreement 0\.9500 \(required >= 0\.999\).*0\.25"):
-        require_parity(ParityReport(top1_agreement=0.95, max_abs_diff=0.25, n=400))
-    with pytest.raises(ParityError, match=r"allowed <= 0\.001"):
-        require_parity(ParityReport(top1_agreement=1.0, max_abs_diff=0.01, n=400))
+        require_parity(
+            ParityReport(top1_agreement=0.95, max_abs_diff=0.25, max_abs_logit=0.5, n=400)
+        )
+    with pytest.raises(ParityError, match=r"allowed <= 0\.001 = max\(atol 0\.001, rtol 0\.001"):
+        require_parity(
+            ParityReport(top1_agreement=1.0, max_abs_diff=0.01, max_abs_logit=0.5, n=400)
+        )
+
+
+def test_parity_limit_scales_with_the_logits() -> None:
+    # The case that failed a fixed 1e-3: a trained model, agreement 1.0, max |diff| 1.22e-3.
+    trained = ParityReport(top1_agreement=1.0, max_abs_diff=1.22e-3, max_abs_logit=12.0, n=256)
+    assert require_parity(trained) == pytest.approx(0.012)
+    with pytest.raises(ParityError, match=r"allowed <= 0\.001 .*max \|logit\| 12"):
+        require_parity(trained, rtol=0.0)
+    # an export bug moves logits by a share of their scale: still refused
+    broken = ParityReport(top1_agreement=1.0, max_abs_diff=0.5, max_abs_logit=12.0, n=256)
+    with pytest.raises(ParityError, match=r"Do not serve this file"):
+        require_parity(broken)
+    with pytest.raises(ValueError, match=r"rtol=2 lies outside \[0, 1\]"):
+        require_parity(trained, rtol=2)
 
 
 def test_export_refuses_what_it_cannot_do(model: torch.nn.Module, tmp_path: Path) -> None:
@@ -114,6 +139,8 @@ def test_int8_keeps_accuracy_and_shrinks_the_file(
     assert report.top1_agreement >= 0.9
     assert report.int8_size_bytes == int8_path.stat().st_size
     assert report.size_ratio < 0.3  # 8-bit weights: about a quarter of the FP32 file
+    assert report.n == len(test_set)
+    assert int8_verdict(report, max_accuracy_loss_points=3.0, min_top1_agreement=0.9).keep
     fp32_speed = benchmark_onnx(fp32_path, batch_size=64, n_batches=4, warmup=1, threads=2)
     int8_speed = benchmark_onnx(int8_path, batch_size=64, n_batches=4, warmup=1, threads=2)
     for speed in (fp32_speed, int8_speed):
@@ -141,3 +168,87 @@ def test_quantization_input_checks(fp32_path: Path, tmp_path: Path) -> None:
         )
     with pytest.raises(ValueError, match="batch_size >= 1"):
         benchmark_onnx(fp32_path, batch_size=0, n_batches=1, warmup=0)
+
+
+def quant_report(delta_points: float, agreement: float) -> QuantReport:
+    return QuantReport(
+        fp32_accuracy=0.46,
+        int8_accuracy=0.46 + delta_points / 100,
+        accuracy_delta_points=delta_points,
+        fp32_size_bytes=4000,
+        int8_size_bytes=1000,
+        size_ratio=0.25,
+        top1_agreement=agreement,
+        n=2000,
+    )
+
+
+def test_int8_gate_checks_agreement_as_well_as_accuracy() -> None:
+    # benchmarks/REPORT.md: no accuracy change, yet 6% of the predictions changed
+    flips = int8_verdict(quant_report(delta_points=0.0, agreement=0.94))
+    assert not flips.keep
+    assert flips.reasons == (
+        "its top-1 agreement with FP32 is 0.9400 on 2000 images, 6.0% of predictions changed "
+        "(required >= 0.97)",
+    )
+    message = flips.message(Path("v3/model.int8.onnx"))
+    assert message.startswith("INT8 model v3/model.int8.onnx rejected, FP32 only is kept: ")
+    assert "calibrate on more" in message
+
+    lossy = int8_verdict(quant_report(delta_points=-1.5, agreement=0.99))
+    assert not lossy.keep and "lost 1.50 accuracy points" in lossy.reasons[0]
+    assert len(int8_verdict(quant_report(delta_points=-2.0, agreement=0.9)).reasons) == 2
+
+    assert int8_verdict(quant_report(delta_points=-0.5, agreement=0.98)).keep
+    assert int8_verdict(quant_report(0.0, 0.94), min_top1_agreement=0.9).keep
+    with pytest.raises(ValueError, match="min_top1_agreement=97 is out of range"):
+        int8_verdict(quant_report(0.0, 0.94), min_top1_agreement=97)
+
+
+def test_onnx_model_asset_drops_a_rejected_int8_and_keeps_fp32(
+    trained: TrainResult,
+    data: tuple[ImageSet, ImageSet],
+    tmp_path: Path,
+    project_env: dict[str, str],
+) -> None:
+    import dagster as dg
+
+    from cifar_assets.artifacts import RegisteredModel, TrainedModel
+    from cifar_assets.assets.export_assets import ExportConfig, onnx_model
+    from cifar_assets.data.imageset import Splits
+    from cifar_assets.ml.model import save_model
+    from cifar_assets.ml.tracking import client_for, tracking_run
+    from cifar_assets.resources import MLflowResource
+
+    mlflow = MLflowResource()
+    with tracking_run(mlflow.uri(), "export-test", "train", {}, mlflow.artifact_location()) as run:
+        run_id = run
+    model_dir = tmp_path / "model"
+    save_model(trained.model, trained.architecture, model_dir)
+    train_set, held_out = data
+    config = ExportConfig(parity_images=64, calibration_images=64, int8_min_top1_agreement=1.0)
+
+    output = onnx_model(
+        context=dg.build_asset_context(),
+        config=config,
+        mlflow=mlflow,
+        trained_model=TrainedModel(str(model_dir), "imagenet", run_id, "d", 2, None, 1.0, "cpu"),
+        registered_model=RegisteredModel("cifar10-resnet18", 1, run_id, False, "test"),
+        cifar10_splits=Splits(train=train_set, validation=held_out, test=held_out),
+    )
+
+    exported = output.value
+    assert exported.int8_path is None and not (model_dir / "onnx" / "model.int8.onnx").exists()
+    assert Path(exported.fp32_path).is_file()
+    metadata = {key: value.value for key, value in output.metadata.items()}
+    assert metadata["int8_kept"] is False
+    assert metadata["int8_top1_agreement"] < 1.0
+    assert "top-1 agreement with FP32" in metadata["int8_rejected_because"]
+    assert metadata["limit_int8_min_top1_agreement"] == 1.0
+    assert metadata["limit_parity_rtol"] == 1e-3
+    assert metadata["max_abs_diff"] <= metadata["allowed_abs_diff"]
+    client = client_for(mlflow.uri())
+    params = client.get_run(run_id).data.params
+    assert params["onnx_int8_min_top1_agreement"] == "1.0"
+    assert params["onnx_parity_atol"] == "0.001"
+    assert [a.path for a in client.list_artifacts(run_id, "onnx")] == ["onnx/model.onnx"]

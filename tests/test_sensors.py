@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -14,11 +15,21 @@ from cifar_assets.data.imageset import save_npz
 from cifar_assets.definitions import defs
 from cifar_assets.drift.incoming import capture_window_key
 from cifar_assets.schedules import daily_drift_schedule
-from cifar_assets.sensors import evaluate_retraining, incoming_batch_sensor
+from cifar_assets.sensors import (
+    RetrainingConfigError,
+    drift_retraining_sensor,
+    evaluate_retraining,
+    incoming_batch_sensor,
+)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
-def instance(project_env: dict[str, str]):  # type: ignore[no-untyped-def]
+def instance(
+    project_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> Iterator[dg.DagsterInstance]:
+    monkeypatch.delenv("CIFAR_RETRAINING_CONFIG", raising=False)
     with dg.instance_for_test(temp_dir=project_env["DAGSTER_HOME"]) as test_instance:
         yield test_instance
 
@@ -48,6 +59,12 @@ def test_drift_report_requests_exactly_one_retraining(instance: dg.DagsterInstan
     )
     assert ops["registered_model"]["config"] == {"promote_automatically": False}
     assert ops["triton_deployment"]["config"] == {"role": "challenger", "challenger_share": 0.1}
+    # the training recipe is configs/retraining.yaml's CPU recipe, not the GPU defaults
+    assert ops["trained_model"]["config"]["epochs"] == 4
+    assert ops["trained_model"]["config"]["stem"] == "imagenet"
+    assert ops["cifar10_raw"]["config"]["source"] == "synthetic"
+    # and the whole request is a valid run config of retraining_job
+    dg.validate_run_config(defs.resolve_job_def("retraining_job"), request.run_config)
 
     # the same report evaluated again requests nothing
     again = evaluate_retraining(dg.build_sensor_context(instance=instance, cursor=first.cursor))
@@ -58,7 +75,8 @@ def test_unlabelled_drift_retrains_without_adding_the_batch(instance: dg.Dagster
     report_drift(instance, "batch-u", drift=True, labelled=False)
     result = evaluate_retraining(dg.build_sensor_context(instance=instance))
     assert isinstance(result, dg.SensorResult)
-    assert (result.run_requests or [])[0].run_config["ops"]["cifar10_raw"]["config"] == {}
+    raw = (result.run_requests or [])[0].run_config["ops"]["cifar10_raw"]["config"]
+    assert "extra_batches" not in raw and raw["num_images"] == 3000
 
 
 def test_no_drift_and_cooldown_request_nothing(instance: dg.DagsterInstance) -> None:
@@ -95,6 +113,81 @@ def test_retraining_in_progress_is_skipped_with_the_reason(instance: dg.DagsterI
     result = evaluate_retraining(dg.build_sensor_context(instance=instance))
     assert isinstance(result, dg.SensorResult) and not result.run_requests
     assert run.run_id in (result.skip_reason.skip_message or "")  # type: ignore[union-attr]
+
+
+def test_retraining_base_config_comes_from_the_env_and_the_sensor_wins(
+    instance: dg.DagsterInstance, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = tmp_path / "my-retraining.yaml"
+    base.write_text(
+        "ops:\n"
+        "  cifar10_raw:\n"
+        "    config:\n"
+        "      {source: synthetic, num_images: 500, extra_batches: [/data/old.imageset.npz]}\n"
+        "  trained_model:\n"
+        "    config: {epochs: 1, batch_size: 32, stem: imagenet}\n"
+        "  registered_model:\n"
+        "    config: {promote_automatically: true, promotion_margin: 0.01}\n"
+    )
+    monkeypatch.setenv("CIFAR_RETRAINING_CONFIG", str(base))
+    report_drift(instance, "batch-e", drift=True, labelled=True)
+
+    result = evaluate_retraining(dg.build_sensor_context(instance=instance))
+
+    assert isinstance(result, dg.SensorResult)
+    ops = (result.run_requests or [])[0].run_config["ops"]
+    assert ops["trained_model"]["config"] == {"epochs": 1, "batch_size": 32, "stem": "imagenet"}
+    extra = ops["cifar10_raw"]["config"]["extra_batches"]
+    assert extra[0] == "/data/old.imageset.npz" and extra[1].endswith("batch-e/value.imageset.npz")
+    assert ops["cifar10_raw"]["config"]["num_images"] == 500
+    # a retraining never promotes itself, whatever the file says; its other settings stay
+    assert ops["registered_model"]["config"] == {
+        "promote_automatically": False,
+        "promotion_margin": 0.01,
+    }
+    dg.validate_run_config(
+        defs.resolve_job_def("retraining_job"), (result.run_requests or [])[0].run_config
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (None, "does not exist"),
+        ("ops:\n  trained_model: {config: {epochs: 4\n", "is not valid YAML"),
+        ("- just\n- a list\n", "has no 'ops:' mapping"),
+        (
+            "ops:\n  cifar10_raw: {config: {extra_batches: one.npz}}\n",
+            "sets ops.cifar10_raw.config.extra_batches to 'one.npz'; it must be a list",
+        ),
+    ],
+)
+def test_broken_retraining_config_fails_the_tick_and_keeps_the_report(
+    instance: dg.DagsterInstance,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    content: str | None,
+    problem: str,
+) -> None:
+    base = tmp_path / "retraining.yaml"
+    if content is not None:
+        base.write_text(content)
+    monkeypatch.setenv("CIFAR_RETRAINING_CONFIG", str(base))
+    report_drift(instance, "batch-x", drift=True, labelled=True)
+
+    with pytest.raises(RetrainingConfigError) as error:
+        evaluate_retraining(dg.build_sensor_context(instance=instance))
+    assert f"retraining base config {base} {problem}" in str(error.value)
+    assert "Point CIFAR_RETRAINING_CONFIG at a YAML run config" in str(error.value)
+    # The sensor itself raises it too, not a skip: the daemon then records a failed tick (red
+    # in the UI) whose error is this message.
+    with pytest.raises(RetrainingConfigError, match=problem):
+        drift_retraining_sensor.evaluate_tick(dg.build_sensor_context(instance=instance))
+
+    # fixed, the same drift report is still handled: the failed ticks did not move the cursor
+    monkeypatch.setenv("CIFAR_RETRAINING_CONFIG", str(PROJECT_ROOT / "configs" / "retraining.yaml"))
+    fixed = evaluate_retraining(dg.build_sensor_context(instance=instance))
+    assert isinstance(fixed, dg.SensorResult) and len(fixed.run_requests or []) == 1
 
 
 def test_incoming_sensor_registers_each_new_batch_once(

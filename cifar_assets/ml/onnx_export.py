@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 DEFAULT_OPSET = 18
+# Parity limits, explained in require_parity's docstring.
+PARITY_MIN_AGREEMENT = 0.999
+PARITY_ATOL = 1e-3
+PARITY_RTOL = 1e-3
 
 
 class ParityError(RuntimeError):
@@ -36,6 +40,7 @@ class ParityError(RuntimeError):
 class ParityReport:
     top1_agreement: float  # share of images where both models predict the same class
     max_abs_diff: float  # largest absolute logit difference over all images and classes
+    max_abs_logit: float  # largest |logit| of the PyTorch model: the scale the difference is on
     n: int
 
 
@@ -139,20 +144,56 @@ def check_parity(
     return ParityReport(
         top1_agreement=float((reference.argmax(1) == exported.argmax(1)).mean()),
         max_abs_diff=float(np.abs(reference - exported).max()),
+        max_abs_logit=float(np.abs(reference).max()),
         n=len(images),
     )
 
 
+def allowed_abs_diff(report: ParityReport, atol: float, rtol: float) -> float:
+    """The largest logit difference ``require_parity`` accepts for ``report``:
+    ``max(atol, rtol * report.max_abs_logit)``."""
+    return max(atol, rtol * report.max_abs_logit)
+
+
 def require_parity(
-    report: ParityReport, min_agreement: float = 0.999, max_abs_diff: float = 1e-3
-) -> None:
-    """Raise ParityError unless the export agrees with PyTorch within tolerance."""
-    if report.top1_agreement >= min_agreement and report.max_abs_diff <= max_abs_diff:
-        return
+    report: ParityReport,
+    min_agreement: float = PARITY_MIN_AGREEMENT,
+    atol: float = PARITY_ATOL,
+    rtol: float = PARITY_RTOL,
+) -> float:
+    """Raise ParityError unless the export agrees with PyTorch within tolerance; returns the
+    absolute logit difference that was allowed.
+
+    Two conditions: top-1 agreement of at least ``min_agreement``, and a largest absolute logit
+    difference of at most ``max(atol, rtol * max |logit|)``, where max |logit| is the PyTorch
+    model's largest logit magnitude on the same images.
+
+    Why relative: ONNX Runtime and PyTorch sum the same float32 products in a different order,
+    and that rounding gap is proportional to the size of the numbers summed, so a fixed limit is
+    too strict for large logits and too loose for small ones. A fixed 1e-3 once failed a trained
+    model at 1.22e-3 with top-1 agreement 1.0. Measured here (ImageNet stem, 2,400 synthetic
+    images, 4 and 10 epochs, 256 test images): the gap was 1.5e-6 and 0.7e-6 of max |logit|
+    (4.9 and 4.3). ``rtol=1e-3`` leaves that rounding several hundred times the room it needed,
+    while an export that moves any logit by more than 0.1% of the logit scale is not rounding
+    and is refused. ``atol`` is the floor for models whose logits are all near zero (an
+    untrained model), where a relative limit alone would demand the impossible.
+    """
+    for name, value in (("min_agreement", min_agreement), ("atol", atol), ("rtol", rtol)):
+        if not 0 <= value <= 1:
+            raise ValueError(
+                f"require_parity: {name}={value} lies outside [0, 1]; pass a share for "
+                f"min_agreement (default {PARITY_MIN_AGREEMENT}) and small tolerances for atol and "
+                f"rtol (defaults {PARITY_ATOL:g} and {PARITY_RTOL:g})."
+            )
+    allowed = allowed_abs_diff(report, atol, rtol)
+    if report.top1_agreement >= min_agreement and report.max_abs_diff <= allowed:
+        return allowed
     raise ParityError(
         f"The ONNX export disagrees with the PyTorch model on {report.n} images: top-1 "
         f"agreement {report.top1_agreement:.4f} (required >= {min_agreement}), max |logit "
-        f"difference| {report.max_abs_diff:.3g} (allowed <= {max_abs_diff:g}). Do not serve this "
-        "file: re-export it from the same weights with export_onnx, and if the gap persists "
-        "check the torch, onnxscript and onnxruntime versions."
+        f"difference| {report.max_abs_diff:.3g} (allowed <= {allowed:.3g} = max(atol {atol:g}, "
+        f"rtol {rtol:g} x max |logit| {report.max_abs_logit:.3g})). Do not serve this file: "
+        "re-export it from the same weights with export_onnx, and if the gap persists check the "
+        "torch, onnxscript and onnxruntime versions; loosen the limits (the onnx_model asset's "
+        "parity_* config) only for a gap you have traced to float32 rounding."
     )
