@@ -25,7 +25,13 @@ def project_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dic
         "MLFLOW_TRACKING_URI": f"sqlite:///{var / 'mlflow.db'}",
         "TRITON_MODEL_REPOSITORY": str(var / "triton_repo"),
     }
-    for key in ("CIFAR_DATA_DIR", "CIFAR_STORAGE_DIR", "CIFAR_INCOMING_DIR", "CIFAR_CAPTURE_DIR"):
+    for key in (
+        "CIFAR_DATA_DIR",
+        "CIFAR_STORAGE_DIR",
+        "CIFAR_INCOMING_DIR",
+        "CIFAR_CAPTURE_DIR",
+        "CIFAR_RETRAINING_CONFIG",
+    ):
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
