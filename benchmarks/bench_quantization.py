@@ -182,8 +182,9 @@ def render(section: dict[str, Any], sections: dict[str, Any]) -> list[str]:
         + (
             " The agreement is far lower than the accuracy change suggests: a briefly trained "
             "model has close logits, so INT8's small errors flip many predictions, right to "
-            "wrong and wrong to right in about equal numbers. The onnx_model asset keeps INT8 "
-            "on the accuracy change alone; agreement would be the stricter gate."
+            "wrong and wrong to right in about equal numbers. The onnx_model asset's INT8 gate "
+            "also requires 97% top-1 agreement (int8_min_top1_agreement), so it would serve "
+            "FP32 for this model."
             if accuracy["top1_agreement"] < 0.95 and abs(accuracy["delta_points"]) < 1
             else ""
         ),

@@ -248,9 +248,12 @@ def router_notes(cells: dict[str, Any]) -> list[str]:
         return []
     return [
         "",
-        "The router's extra hop (a python-backend model forwarding with a BLS call) is a "
-        "fixed cost per request; against a batch-32 request it is a few percent, against a "
-        "batch-1 request of a model that runs in 2-3 ms it is a large share:",
+        "What routing costs a batch-1 request. The router runs in its default mode, "
+        "`execution: inprocess`: it picks the version and runs that version's ONNX model "
+        "itself, so there is no second python-backend hop (the `bls` mode, which forwards "
+        "with a BLS call, added 1.4-1.8x at p50 here). On 2 shared cores a single cell's p50 "
+        "moves by 10-30% from run to run, so one run cannot settle a 10% goal; "
+        "`cifar_assets/serving/README.md` has side-by-side measurements of both modes:",
         "",
         *notes,
     ]
