@@ -83,7 +83,6 @@ class ProgressReporter:
         self.log, self.interval_s, self.clock = log, interval_s, clock
         self.done = 0
         self.updates = 0
-        self.lines = 0
         self.started = self.last_line = clock()
         show_bar = bars_enabled() if bar is None else bar
         self._bar = progress_bar(total, what, unit) if show_bar else None
@@ -100,7 +99,6 @@ class ProgressReporter:
         per_update = (now - self.started) / self.updates
         if now - self.last_line + per_update >= self.interval_s and self.done < self.total:
             self.last_line = now
-            self.lines += 1
             self.log(self.message(now))
 
     def message(self, now: float | None = None) -> str:
@@ -123,7 +121,6 @@ class ProgressReporter:
             self._bar.close()
         if self.log is not None:
             elapsed = self.clock() - self.started
-            self.lines += 1
             self.log(
                 f"{self.what}: {self.done:,}/{self.total:,} {self.unit}s in {_duration(elapsed)}"
             )
