@@ -214,8 +214,21 @@ def _wait_until(check: Callable[[], bool], what: str, timeout_s: float = 5.0) ->
 
 
 def test_load_router_refuses_an_unknown_execution_mode(triton_server: ServingEnv) -> None:
+    kept = repository.read_router_execution(triton_server.state_dir)
     with pytest.raises(repository.RepositoryError, match="use one of inprocess, bls"):
         _load_router(triton_server, "remote")
+    assert repository.read_router_execution(triton_server.state_dir) == kept
+
+
+def test_a_damaged_router_mode_file_is_named(tmp_path: Path) -> None:
+    path = tmp_path / repository.ROUTER_EXECUTION_FILE
+    assert repository.read_router_execution(tmp_path) is None
+    path.write_text("{not json")
+    with pytest.raises(repository.RepositoryError, match=r"router_execution\.json is unreadable"):
+        repository.read_router_execution(tmp_path)
+    path.write_text('{"execution": "remote"}')
+    with pytest.raises(repository.RepositoryError, match="names router execution 'remote'"):
+        repository.read_router_execution(tmp_path)
 
 
 def test_inprocess_and_bls_answer_with_identical_logits(triton_server: ServingEnv) -> None:
@@ -234,12 +247,28 @@ def test_inprocess_and_bls_answer_with_identical_logits(triton_server: ServingEn
                         out[version, user, kind, protocol] = (result.served_version, result.logits)
         return out
 
+    import tritonclient.http as httpclient
+
+    def loaded_mode() -> str:
+        config = httpclient.InferenceServerClient(env.http_url).get_model_config(
+            repository.ROUTER_NAME
+        )
+        return str(config["parameters"]["execution"]["string_value"])
+
     inprocess = answers()
     _load_router(env, "bls")
     try:
+        assert repository.read_router_execution(env.state_dir) == "bls"
+        # What `cifar-triton start` does after a restart: no mode given, the kept one loads.
+        repository.restore_models(
+            env.http_url, repo=env.repo, state_dir=env.state_dir, capture_dir=env.capture_dir
+        )
+        assert loaded_mode() == "bls"
         bls = answers()
     finally:
-        _load_router(env, None)  # back to the committed default, inprocess
+        _load_router(env, "inprocess")  # back to the default, for the other tests
+    assert loaded_mode() == "inprocess"
+    assert repository.read_router_execution(env.state_dir) == "inprocess"
     for key, (served, logits) in inprocess.items():
         version = key[0]
         assert served == bls[key][0] == version, key

@@ -145,6 +145,13 @@ def test_cli_start_status_stop_across_processes(tmp_path: Path) -> None:
         assert again.returncode == 1 and "already running" in again.stderr
         bad_weights = cli("weights", "1=0.5", "2=0.5")
         assert bad_weights.returncode == 1 and "not live" in bad_weights.stderr
+        assert status["router_execution"] == "inprocess"
+        switched = cli("router", "bls")
+        assert switched.returncode == 0, switched.stderr
+        assert json.loads(cli("status").stdout)["router_execution"] == "bls"
+        # Loaded at start, then again in bls mode.
+        assert config.log_path.read_text().count("successfully loaded 'cifar10_ab'") == 2
+        assert cli("router", "remote").returncode == 2  # argparse names the choices
         pid = status["pid"]
     finally:
         stopped = cli("stop")

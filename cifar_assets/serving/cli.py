@@ -4,6 +4,7 @@
     cifar-triton stop | status
     cifar-triton live 3 4            serve exactly versions 3 and 4 of cifar10_resnet18
     cifar-triton weights 3=0.9 4=0.1 split the A/B router's traffic
+    cifar-triton router bls          how the router runs versions (inprocess | bls); kept
     cifar-triton native [--out DIR] [VERSION ...]  copy for the NGC onnxruntime backend
 
 Defaults come from ``cifar_assets.settings`` (TRITON_* variables, CIFAR_VAR_DIR); ``stop`` and
@@ -48,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     live.add_argument("versions", type=int, nargs="+")
     weights = commands.add_parser("weights", help="set the A/B weights, e.g. 3=0.9 4=0.1")
     weights.add_argument("shares", nargs="+", metavar="VERSION=WEIGHT")
+    router = commands.add_parser(
+        "router", help="reload the A/B router in another execution mode (kept across restarts)"
+    )
+    router.add_argument("execution", choices=repository.ROUTER_EXECUTION_MODES)
     native = commands.add_parser("native", help="write the repository for the NGC container")
     native.add_argument("versions", type=int, nargs="*", help="default: every written version")
     native.add_argument("--out", type=Path, help="default CIFAR_VAR_DIR/triton_native_repo")
@@ -104,15 +109,26 @@ def _start(config: TritonConfig, foreground: bool) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command in ("live", "weights"):
+        if args.command in ("live", "weights", "router"):
             config = TritonConfig.from_settings()
-            if args.command == "live":
+            if args.command in ("live", "router"):
                 record = server_status(config)
                 if not record.running or record.http_url is None:
                     raise TritonLaunchError(
                         f"No tritonserver is running for {config.state_dir}; start it first "
                         "with `cifar-triton start`."
                     )
+            if args.command == "router":
+                repository.load_router(
+                    record.http_url,
+                    repo=Path(record.repo or config.repo),
+                    state_dir=config.state_dir,
+                    capture_dir=config.capture_dir,
+                    capture_input_sample_rate=config.capture_input_sample_rate,
+                    execution=args.execution,
+                )
+                print(f"router execution: {args.execution}")
+            elif args.command == "live":
                 versions = repository.set_live_versions(
                     record.http_url,
                     args.versions,

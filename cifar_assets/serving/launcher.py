@@ -259,6 +259,7 @@ class ServerStatus:
     log: str
     live_versions: list[int]
     ab_weights: dict[int, float]
+    router_execution: str  # the mode the router loads with (kept by `cifar-triton router`)
 
 
 def server_status(config: TritonConfig) -> ServerStatus:
@@ -279,6 +280,8 @@ def server_status(config: TritonConfig) -> ServerStatus:
         log=str(config.log_path),
         live_versions=repository.read_live_versions(config.state_dir),
         ab_weights=repository.read_ab_weights(config.state_dir),
+        router_execution=repository.read_router_execution(config.state_dir)
+        or repository.ROUTER_EXECUTION_MODES[0],
     )
 
 

@@ -39,6 +39,7 @@ ROUTER_TEMPLATE = TEMPLATES_DIR / "ab_router_model.py"
 VERSION_METADATA_FILE = "version.json"
 LIVE_VERSIONS_FILE = "live_versions.json"
 AB_WEIGHTS_FILE = "ab_weights.json"
+ROUTER_EXECUTION_FILE = "router_execution.json"
 ONNX_INPUT = "input"
 ONNX_OUTPUT = "logits"
 # How the router runs the chosen version: "inprocess" (its own ONNX Runtime session on the
@@ -227,6 +228,27 @@ def read_ab_weights(state_dir: Path) -> dict[int, float]:
     return {int(v): float(w) for v, w in json.loads(path.read_text())["weights"].items()}
 
 
+def read_router_execution(state_dir: Path) -> str | None:
+    """The router mode last loaded with an explicit ``execution``; None if never set."""
+    path = state_dir / ROUTER_EXECUTION_FILE
+    if not path.is_file():
+        return None
+    try:
+        mode = json.loads(path.read_text())["execution"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise RepositoryError(
+            f"{path} is unreadable ({error}); delete it to go back to the committed router "
+            "mode, or set one with load_router(..., execution='inprocess' or 'bls')."
+        ) from error
+    if mode not in ROUTER_EXECUTION_MODES:
+        raise RepositoryError(
+            f"{path} names router execution {mode!r}, not one of "
+            f"{', '.join(ROUTER_EXECUTION_MODES)}; delete it or load the router with a valid "
+            "execution."
+        )
+    return str(mode)
+
+
 def _config_override(repo: Path, model: str) -> Any:
     """The committed config.pbtxt of ``model`` as a ModelConfig message, ready to be changed."""
     from google.protobuf import text_format
@@ -359,9 +381,11 @@ def load_router(
 ) -> None:
     """Load cifar10_ab with the absolute paths of its weights file and capture folder.
 
-    ``execution`` is ``"inprocess"`` or ``"bls"`` (see ROUTER_EXECUTION_MODES); None keeps the
-    committed config's (``inprocess``). Loading again with another mode switches a running
-    server's router over without touching the versions it serves.
+    ``execution`` is ``"inprocess"`` or ``"bls"`` (see ROUTER_EXECUTION_MODES). A mode given
+    here is kept in ``state_dir`` once the router has loaded with it, so None (a restart) loads
+    the mode last set, or the committed config's (``inprocess``) if none ever was. Loading again
+    with another mode switches a running server's router over without touching the versions it
+    serves.
     """
     if not 0.0 <= capture_input_sample_rate <= 1.0:
         raise RepositoryError(
@@ -373,6 +397,7 @@ def load_router(
             f"{', '.join(ROUTER_EXECUTION_MODES)} (inprocess: the router runs the version's "
             "model.onnx itself; bls: it forwards to cifar10_resnet18)."
         )
+    chosen = execution if execution is not None else read_router_execution(state_dir)
     install_router(repo)
     config = _config_override(repo, ROUTER_NAME)
     parameters = {
@@ -381,12 +406,17 @@ def load_router(
         "capture_dir": str(capture_dir.resolve()),
         "capture_input_sample_rate": repr(float(capture_input_sample_rate)),
     }
-    if execution is not None:
-        parameters["execution"] = execution
+    if chosen is not None:
+        parameters["execution"] = chosen
     for key, value in parameters.items():
         config.parameters[key].string_value = value
     capture_dir.mkdir(parents=True, exist_ok=True)
     _load(client_or_url, ROUTER_NAME, config)
+    if execution is not None:
+        # Only after a successful load: a refused mode must not come back at the next restart.
+        write_json_atomic(
+            state_dir / ROUTER_EXECUTION_FILE, {"execution": execution, "updated_at": _utc_now()}
+        )
 
 
 def restore_models(
