@@ -84,6 +84,9 @@ def test_training_learns_synthetic_data(tmp_path: Path) -> None:
     assert not result.model.training
     assert next(result.model.parameters()).device.type == "cpu"
     assert result.images_per_s > 0 and result.seconds >= sum(e.seconds for e in result.history)
+    # One duration per step; an epoch's add up to its timed span (less the last callback).
+    assert len(result.step_seconds) == 190 and min(result.step_seconds) > 0
+    assert sum(result.step_seconds[:50]) == pytest.approx(first.seconds, rel=0.02)
     print(f"\ntest accuracy {accuracy:.3f}, {result.images_per_s:.0f} training images/s")
 
 

@@ -178,6 +178,9 @@ class TrainResult:
     completed: bool  # False when stop_after_epochs ended the call before config.epochs
     config_hash: str
     notes: list[str] = field(default_factory=list)
+    # Wall seconds of each training step of this call, in order. On a CPU each is that step's
+    # cost; on CUDA steps are queued, so only their sum over an epoch is meaningful.
+    step_seconds: list[float] = field(default_factory=list)
 
 
 def resolve_device(requested: str) -> str:
@@ -285,6 +288,7 @@ def train(
             return batch.contiguous()
 
         call_images, call_seconds = 0, 0.0
+        step_seconds: list[float] = []
         # The command-line bar (None when CIFAR_PROGRESS_BAR=0); on_progress feeds the run log.
         bar = progress_bar(total_steps, "training", "step", initial=global_step)
         for epoch in range(start_epoch + 1, last_epoch + 1):
@@ -297,7 +301,7 @@ def train(
             correct = torch.zeros((), device=device, dtype=torch.int64)
             lr = optimizer.param_groups[0]["lr"]
             _synchronize(device)
-            epoch_started = last_report = time.perf_counter()
+            epoch_started = last_report = step_ended = time.perf_counter()
             for step in range(1, epoch_steps + 1):
                 batch = slice((step - 1) * config.batch_size, step * config.batch_size)
                 index = order[batch]
@@ -324,12 +328,11 @@ def train(
                     bar.update(1)
 
                 now = time.perf_counter()
+                step_seconds.append(now - step_ended)
+                step_ended = now
                 # Due when the next step would pass the interval: gaps stay under it.
-                step_seconds = (now - epoch_started) / step
-                if (
-                    on_progress is not None
-                    and now - last_report + step_seconds >= progress_interval_s
-                ):
+                mean_step = (now - epoch_started) / step
+                if on_progress is not None and now - last_report + mean_step >= progress_interval_s:
                     last_report = now
                     rate = step * config.batch_size / (now - epoch_started)
                     on_progress(
@@ -410,6 +413,7 @@ def train(
         completed=len(history) >= epochs,
         config_hash=config_hash,
         notes=notes,
+        step_seconds=step_seconds,
     )
 
 
