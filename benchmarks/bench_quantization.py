@@ -1,15 +1,20 @@
 """Static INT8 quantization: accuracy lost and speed gained against the FP32 ONNX model.
 
-A ResNet18 (ImageNet stem) is trained briefly on synthetic images so that accuracy means
+The goal is read on the project's default model, ResNet18 with the CIFAR stem (TrainConfig's
+default, the production recipe): it is trained briefly on synthetic images so that accuracy means
 something, exported with ``export_onnx``, quantized with ``quantize_int8`` (QDQ, MinMax
-calibration on training images) and both files are scored on a held-out test split with
-``compare_int8``. Speed is ``benchmark_onnx`` at batch 64, FP32 and INT8 runs alternating. The
-CIFAR-stem model is measured for speed only (untrained: a CNN's cost does not depend on its
-weights).
+calibration on training images), and both files are scored on a held-out test split with
+``compare_int8``. Speed is ``benchmark_onnx`` at batch 64, FP32 and INT8 runs alternating.
+
+The ImageNet stem (the CPU quick-run model of configs/quickstart.yaml) is measured for speed only,
+untrained: a CNN's cost does not depend on its weights. For both stems, ONNX Runtime's profiler
+splits the convolution time by output resolution, which shows where INT8 pays and where not.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -20,14 +25,16 @@ from common import THREADS, Goal, fmt, interleave, log, main, median, section_fa
 BATCH_SIZE = 64
 LEARNING_RATE = 0.1  # the quickstart's rate for batch 64
 CALIBRATION_IMAGES = 512
+GOAL_SPEEDUP = 2.0
+GOAL_MAX_LOSS_POINTS = 0.5
 
 
 def train_model(train_set: Any, steps: int) -> tuple[Any, float, float]:
-    """(model, seconds, training images/s) of a short ImageNet-stem run."""
+    """(model, seconds, training images/s) of a short CIFAR-stem run."""
     from cifar_assets.ml.training import TrainConfig, train
 
     config = TrainConfig(
-        stem="imagenet",
+        stem="cifar",
         batch_size=BATCH_SIZE,
         lr=LEARNING_RATE,
         max_steps=steps,
@@ -66,6 +73,54 @@ def speed(fp32: Path, int8: Path, n_batches: int, repeats: int) -> dict[str, Any
     }
 
 
+def conv_ms_by_resolution(path: Path, runs: int) -> dict[str, float]:
+    """Median kernel time per batch of 64 of the model's convolutions, summed per output
+    resolution ("16x16, 64 ch"), from ONNX Runtime's profiler (Conv in FP32, QLinearConv in
+    INT8); ``runs`` profiled batches after 2 untimed ones."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from cifar_assets.ml.onnx_export import INPUT_NAME
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = THREADS
+    options.enable_profiling = True
+    with tempfile.TemporaryDirectory(prefix="bench-quant-profile-") as scratch:
+        options.profile_file_prefix = os.path.join(scratch, "profile")
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        feed = {
+            INPUT_NAME: np.random.default_rng(0).standard_normal(
+                (BATCH_SIZE, 3, 32, 32), np.float32
+            )
+        }
+        for _ in range(2 + runs):
+            session.run(None, feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    per_node: dict[str, list[float]] = {}
+    resolution: dict[str, str] = {}
+    for event in events:
+        args = event.get("args", {})
+        if (
+            event.get("cat") != "Node"
+            or not event["name"].endswith("_kernel_time")
+            or args.get("op_name") not in ("Conv", "QLinearConv")
+        ):
+            continue
+        [shape] = [next(iter(output.values())) for output in args["output_type_shape"]]
+        dims = list(shape[1:])  # C, H, W in FP32 (NCHW); H, W, C in INT8 (NHWC)
+        channels = max(dims)  # >= 64, while the spatial sizes are <= 32
+        dims.remove(channels)
+        height, width = dims
+        resolution[event["name"]] = f"{height}x{width}, {channels} ch"
+        per_node.setdefault(event["name"], []).append(event["dur"] / 1000.0)
+    totals: dict[str, float] = {}
+    for name, durations in per_node.items():
+        # The first 2 calls of each node are the untimed warm-up.
+        key = resolution[name]
+        totals[key] = totals.get(key, 0.0) + median(durations[2:])
+    return totals
+
+
 def run(quick: bool) -> dict[str, Any]:
     import numpy as np
     import torch
@@ -77,20 +132,22 @@ def run(quick: bool) -> dict[str, Any]:
     from cifar_assets.ml.quantization import compare_int8, quantize_int8
 
     torch.set_num_threads(THREADS)
-    n_images, steps = (1000, 5) if quick else (12_000, 250)
-    n_batches, repeats = (2, 2) if quick else (10, 5)
-    cifar_batches, cifar_repeats = (1, 1) if quick else (4, 3)
+    # 100 steps of 64 with the CIFAR stem take about 5 minutes here (about 21 images/s).
+    n_images, steps = (1000, 3) if quick else (12_000, 100)
+    cifar_batches, cifar_repeats = (1, 1) if quick else (6, 4)
+    imagenet_batches, imagenet_repeats = (2, 1) if quick else (10, 5)
+    profile_runs = 1 if quick else 5
     splits = stratified_split(
         generate_synthetic(n_images, seed=1), validation_fraction=0.0, test_fraction=1 / 6, seed=0
     )
-    log(f"training {steps} steps on {len(splits.train)} images")
+    log(f"training the CIFAR stem for {steps} steps on {len(splits.train)} images")
     model, train_seconds, train_rate = train_model(splits.train, steps)
     calibration = splits.train.images[
         np.random.default_rng(0).permutation(len(splits.train))[:CALIBRATION_IMAGES]
     ]
     with tempfile.TemporaryDirectory(prefix="bench-quant-") as scratch:
         folder = Path(scratch)
-        fp32, int8 = folder / "imagenet_fp32.onnx", folder / "imagenet_int8.onnx"
+        fp32, int8 = folder / "cifar_fp32.onnx", folder / "cifar_int8.onnx"
         export_onnx(model, fp32)
         began = time.perf_counter()
         quantize_int8(fp32, int8, calibration)
@@ -98,15 +155,23 @@ def run(quick: bool) -> dict[str, Any]:
         log(f"quantized in {quantize_seconds:.1f} s; scoring {len(splits.test)} test images")
         report = compare_int8(fp32, int8, splits.test.images, splits.test.labels)
         log(f"accuracy fp32 {report.fp32_accuracy:.4f} int8 {report.int8_accuracy:.4f}")
-        imagenet_speed = speed(fp32, int8, n_batches, repeats)
+        log("CIFAR stem speed")
+        cifar_speed = speed(fp32, int8, cifar_batches, cifar_repeats)
+        profiles = {"cifar": {"fp32": conv_ms_by_resolution(fp32, profile_runs)}}
+        profiles["cifar"]["int8"] = conv_ms_by_resolution(int8, profile_runs)
 
         torch.manual_seed(0)
-        cifar_model = build_resnet18(Architecture(stem="cifar")).eval()
-        cifar_fp32, cifar_int8 = folder / "cifar_fp32.onnx", folder / "cifar_int8.onnx"
-        export_onnx(cifar_model, cifar_fp32)
-        quantize_int8(cifar_fp32, cifar_int8, calibration[:256])
-        log("CIFAR stem speed")
-        cifar_speed = speed(cifar_fp32, cifar_int8, cifar_batches, cifar_repeats)
+        imagenet_model = build_resnet18(Architecture(stem="imagenet")).eval()
+        imagenet_fp32 = folder / "imagenet_fp32.onnx"
+        imagenet_int8 = folder / "imagenet_int8.onnx"
+        export_onnx(imagenet_model, imagenet_fp32)
+        quantize_int8(imagenet_fp32, imagenet_int8, calibration[:256])
+        log("ImageNet stem speed")
+        imagenet_speed = speed(imagenet_fp32, imagenet_int8, imagenet_batches, imagenet_repeats)
+        profiles["imagenet"] = {
+            "fp32": conv_ms_by_resolution(imagenet_fp32, profile_runs),
+            "int8": conv_ms_by_resolution(imagenet_int8, profile_runs),
+        }
     return {
         "parameters": {
             "threads": THREADS,
@@ -116,7 +181,8 @@ def run(quick: bool) -> dict[str, Any]:
             "train_steps": steps,
             "learning_rate": LEARNING_RATE,
             "calibration_images": len(calibration),
-            "calibration_images_cifar_stem": min(256, len(calibration)),
+            "calibration_images_imagenet_stem": min(256, len(calibration)),
+            "profiled_batches": profile_runs,
         },
         "training": {"seconds": train_seconds, "images_per_s": train_rate},
         "quantize_seconds": quantize_seconds,
@@ -129,7 +195,8 @@ def run(quick: bool) -> dict[str, Any]:
             "int8_size_bytes": report.int8_size_bytes,
             "size_ratio": report.size_ratio,
         },
-        "speed": {"imagenet": imagenet_speed, "cifar": cifar_speed},
+        "speed": {"cifar": cifar_speed, "imagenet": imagenet_speed},
+        "conv_ms_by_resolution": profiles,
     }
 
 
@@ -140,7 +207,7 @@ def render(section: dict[str, Any], sections: dict[str, Any]) -> list[str]:
     for stem, figures in section["speed"].items():
         speed_rows.append(
             (
-                f"{stem} stem" + (" (trained)" if stem == "imagenet" else " (untrained)"),
+                f"{stem} stem" + (" (trained, above)" if stem == "cifar" else " (untrained)"),
                 f"{figures['n_batches']} x {figures['repeats']}",
                 fmt(figures["fp32_images_per_s"]),
                 fmt(figures["int8_images_per_s"]),
@@ -148,10 +215,34 @@ def render(section: dict[str, Any], sections: dict[str, Any]) -> list[str]:
                 ", ".join(f"{r:.2f}" for r in figures["pair_speedups"]),
             )
         )
+    profile_rows = []
+    for stem, profile in section["conv_ms_by_resolution"].items():
+        for resolution, fp32_ms in profile["fp32"].items():
+            int8_ms = profile["int8"].get(resolution)
+            profile_rows.append(
+                (
+                    f"{stem} stem",
+                    resolution,
+                    f"{fp32_ms:.2f}",
+                    fmt(int8_ms, 2),
+                    f"{fp32_ms / int8_ms:.2f}x" if int8_ms else "-",
+                )
+            )
+        fp32_total, int8_total = sum(profile["fp32"].values()), sum(profile["int8"].values())
+        profile_rows.append(
+            (
+                f"{stem} stem",
+                "all convolutions",
+                f"{fp32_total:.2f}",
+                f"{int8_total:.2f}",
+                f"{fp32_total / int8_total:.2f}x",
+            )
+        )
     return [
         "## 3. INT8 quantization: accuracy and speed",
         "",
-        f"ResNet18 (ImageNet stem) trained for {parameters['train_steps']} steps of "
+        "Measured on the project's default model, ResNet18 with the CIFAR stem (TrainConfig's "
+        f"default), trained for {parameters['train_steps']} steps of "
         f"{parameters['batch_size']} (lr {parameters['learning_rate']}, "
         f"{section['training']['seconds']:.0f} s) on {parameters['train_images']:,} synthetic "
         "images, exported with `export_onnx`, quantized with `quantize_int8` (static QDQ, "
@@ -178,20 +269,22 @@ def render(section: dict[str, Any], sections: dict[str, Any]) -> list[str]:
         ),
         "",
         f"Top-1 agreement between the two files: {100 * accuracy['top1_agreement']:.2f}% "
-        f"(one image is {100 / n_test:.3f} points on this split)."
+        f"(one image is {100 / n_test:.3f} points on this split). The onnx_model asset keeps "
+        "an INT8 file only if it loses at most 1 point and agrees on at least 97% "
+        "(int8_max_accuracy_loss_points, int8_min_top1_agreement): this model "
         + (
-            " The agreement is far lower than the accuracy change suggests: a briefly trained "
-            "model has close logits, so INT8's small errors flip many predictions, right to "
-            "wrong and wrong to right in about equal numbers. The onnx_model asset's INT8 gate "
-            "also requires 97% top-1 agreement (int8_min_top1_agreement), so it would serve "
-            "FP32 for this model."
-            if accuracy["top1_agreement"] < 0.95 and abs(accuracy["delta_points"]) < 1
-            else ""
-        ),
+            "passes that gate."
+            if accuracy["top1_agreement"] >= 0.97 and accuracy["delta_points"] >= -1
+            else "would be served in FP32."
+        )
+        + " A briefly trained model has close logits, so 8-bit rounding flips predictions both "
+        "ways; agreement rises as training separates the classes.",
         "",
-        f"Speed: `benchmark_onnx(path, batch_size=64, n_batches=N, warmup=2, "
-        f"threads={parameters['threads']}, repeats=1)`, FP32 and INT8 alternating; medians of "
-        "the runs (images over summed batch latencies).",
+        f"Speed: `benchmark_onnx(path, batch_size={parameters['batch_size']}, n_batches=N, "
+        f"warmup=2, threads={parameters['threads']}, repeats=1)`, FP32 and INT8 alternating; "
+        "medians of the runs (images over summed batch latencies). The ImageNet stem, the "
+        "quick CPU model of configs/quickstart.yaml, is untrained here: speed does not depend "
+        "on the weights.",
         "",
         *table(
             [
@@ -205,27 +298,69 @@ def render(section: dict[str, Any], sections: dict[str, Any]) -> list[str]:
             speed_rows,
         ),
         "",
-        "DESIGN.md measured 2.1-2.4x for the CIFAR stem on these machines.",
+        "Where the time goes: ONNX Runtime's profiler, convolution kernel time per batch of "
+        f"{parameters['batch_size']} summed by output resolution (median of "
+        f"{parameters['profiled_batches']} profiled batches; the profiler's own overhead makes "
+        "the totals differ a little from the speed table):",
+        "",
+        *table(["model", "output", "FP32 ms", "INT8 ms", "INT8 speed-up"], profile_rows),
+        "",
+        *_profile_findings(section["conv_ms_by_resolution"]),
         *section_facts(section),
     ]
 
 
-def goals(section: dict[str, Any]) -> list[Goal]:
-    accuracy = section["accuracy"]
-    rows = [
-        Goal(
-            "INT8 accuracy change (trained, imagenet stem)",
-            "-",
-            f"{accuracy['delta_points']:+.2f} points ({100 * accuracy['fp32']:.2f}% -> "
-            f"{100 * accuracy['int8']:.2f}%)",
-            None,
+def _profile_findings(profiles: dict[str, Any]) -> list[str]:
+    """What the profile shows, read off its figures: the weakest resolution per stem and the
+    share of FP32 time spent there."""
+    lines = []
+    for stem, profile in profiles.items():
+        gains = {
+            key: fp32 / profile["int8"][key]
+            for key, fp32 in profile["fp32"].items()
+            if profile["int8"].get(key)
+        }
+        if not gains:
+            continue
+        weakest = min(gains, key=lambda key: gains[key])
+        best = max(gains, key=lambda key: gains[key])
+        share = profile["fp32"][weakest] / sum(profile["fp32"].values())
+        lines.append(
+            f"- {stem} stem: INT8 gains {gains[best]:.2f}x at {best} and least, "
+            f"{gains[weakest]:.2f}x, at {weakest}, which holds {100 * share:.0f}% of its FP32 "
+            "convolution time."
         )
+    return [
+        *lines,
+        "",
+        "On this CPU (AVX2, no AVX-512 VNNI) ONNX Runtime's FP32 convolutions are already "
+        "well blocked, and the INT8 gain depends on the layer's shape. The ImageNet stem "
+        "shrinks a 32x32 image to 8x8 before its first block, so its last stage runs at 1x1 "
+        "outputs; the CIFAR stem works at 32x32 down to 4x4. Keeping the ImageNet stem's last "
+        "stage in FP32 (`nodes_to_exclude`) was tried and gained nothing measurable: its "
+        "INT8 and FP32 convolutions there cost about the same.",
     ]
-    for stem, figures in section["speed"].items():
-        rows.append(
-            Goal(f"INT8 speed-up at batch 64, {stem} stem", "-", f"{figures['speedup']:.2f}x", None)
-        )
-    return rows
+
+
+def goals(section: dict[str, Any]) -> list[Goal]:
+    accuracy, cifar = section["accuracy"], section["speed"]["cifar"]
+    return [
+        Goal(
+            "INT8 on a trained model (CIFAR stem): speed-up at batch 64 and accuracy lost",
+            f">= {GOAL_SPEEDUP:g}x, <= {GOAL_MAX_LOSS_POINTS} points",
+            f"{cifar['speedup']:.2f}x (pairs {min(cifar['pair_speedups']):.2f}-"
+            f"{max(cifar['pair_speedups']):.2f}), {accuracy['delta_points']:+.2f} points "
+            f"({100 * accuracy['fp32']:.2f}% -> {100 * accuracy['int8']:.2f}%, agreement "
+            f"{100 * accuracy['top1_agreement']:.1f}%)",
+            cifar["speedup"] >= GOAL_SPEEDUP and accuracy["delta_points"] >= -GOAL_MAX_LOSS_POINTS,
+        ),
+        Goal(
+            "INT8 speed-up at batch 64, imagenet stem (quick CPU model)",
+            "-",
+            f"{section['speed']['imagenet']['speedup']:.2f}x",
+            None,
+        ),
+    ]
 
 
 if __name__ == "__main__":
