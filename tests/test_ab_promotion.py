@@ -4,6 +4,8 @@ registry aliases, Triton's live versions and the router's weights together."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from pathlib import Path
 
@@ -12,15 +14,18 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from cifar_assets.artifacts import TritonDeployment
+from cifar_assets.artifacts import OnnxModel, TritonDeployment
 from cifar_assets.assets.monitoring_assets import ABTestConfig, ab_test_report
+from cifar_assets.assets.serving_assets import DeploymentConfig, triton_deployment
+from cifar_assets.data.splits import stratified_split
+from cifar_assets.data.synthetic import generate_synthetic
 from cifar_assets.ml import registry
 from cifar_assets.ml.model import Architecture, build_resnet18, save_model
 from cifar_assets.ml.tracking import tracking_run
 from cifar_assets.resources import MLflowResource, TritonResource
 from cifar_assets.serving import repository
 from cifar_assets.serving.capture import record_feedback
-from cifar_assets.serving.client import infer_ab
+from cifar_assets.serving.client import infer, infer_ab
 from cifar_assets.serving.promotion import apply_ab_decision, read_audit
 from tests.serving_fixtures import (  # noqa: F401
     ServingEnv,
@@ -40,21 +45,25 @@ def register_versions(uri: str, tmp_path: Path) -> None:
     registry.promote(uri, 1, "first model")
 
 
-def test_ab_report_decides_and_promotion_applies_everywhere(
-    triton_server: ServingEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    var = triton_server.state_dir.parent
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def point_settings_at(env: ServingEnv, uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TritonResource() and MLflowResource() find this test server and store."""
     for key, value in {
-        "CIFAR_VAR_DIR": str(var),
-        "CIFAR_CAPTURE_DIR": str(triton_server.capture_dir),
-        "TRITON_MODEL_REPOSITORY": str(triton_server.repo),
-        "TRITON_HTTP_PORT": str(triton_server.config.http_port),
-        "TRITON_GRPC_PORT": str(triton_server.config.grpc_port),
-        "TRITON_METRICS_PORT": str(triton_server.config.metrics_port),
+        "CIFAR_VAR_DIR": str(env.state_dir.parent),
+        "CIFAR_CAPTURE_DIR": str(env.capture_dir),
+        "TRITON_MODEL_REPOSITORY": str(env.repo),
+        "TRITON_HTTP_PORT": str(env.config.http_port),
+        "TRITON_GRPC_PORT": str(env.config.grpc_port),
+        "TRITON_METRICS_PORT": str(env.config.metrics_port),
         "MLFLOW_TRACKING_URI": uri,
     }.items():
         monkeypatch.setenv(key, value)
+
+
+def test_ab_report_decides_and_promotion_applies_everywhere(
+    triton_server: ServingEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    point_settings_at(triton_server, uri, monkeypatch)
     register_versions(uri, tmp_path)
     state = triton_server.state_dir
     repository.set_live_versions(
@@ -119,3 +128,71 @@ def test_ab_report_decides_and_promotion_applies_everywhere(
             triton_server.http_url, [1, 2], repo=triton_server.repo, state_dir=state
         )
         repository.set_ab_weights({1: 0.9, 2: 0.1}, state_dir=state)
+
+
+def test_use_int8_without_a_kept_int8_model_serves_fp32_and_says_so(
+    triton_server: ServingEnv,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    env = triton_server
+    point_settings_at(env, f"sqlite:///{tmp_path / 'mlflow.db'}", monkeypatch)
+    splits = stratified_split(
+        generate_synthetic(200, seed=4), validation_fraction=0.0, test_fraction=0.5, seed=0
+    )
+    why = "its top-1 agreement with FP32 is 0.9400 on 2000 images"
+    onnx_model = OnnxModel(
+        fp32_path=str(env.onnx[1]),
+        int8_path=None,
+        registered_version=3,
+        report={"int8_rejected_because": why},
+    )
+    state = env.state_dir
+    assert repository.read_ab_weights(state) == {1: 0.9, 2: 0.1}
+    try:
+        output = triton_deployment(
+            context=dg.build_asset_context(),
+            config=DeploymentConfig(role="challenger", use_int8=True, check_images=16),
+            triton=TritonResource(),
+            onnx_model=onnx_model,
+            cifar10_splits=splits,
+        )
+        metadata = output.metadata
+        assert metadata["served_precision"] == "fp32"
+        assert metadata["served_file"].value == str(env.onnx[1])
+        # Same file in the same runtime: at most rounding, within the relative limit.
+        assert metadata["max_abs_diff_vs_onnxruntime"] <= metadata["allowed_abs_diff"]
+        assert metadata["allowed_abs_diff"] >= 1e-3
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert any(
+            f"use_int8 is set, but version 3 has no INT8 model ({why}); serving FP32" in message
+            for message in warnings
+        ), warnings
+        version_info = json.loads(
+            (env.repo / repository.MODEL_NAME / "3" / "version.json").read_text()
+        )
+        assert version_info["precision"] == "fp32"
+        # A challenger beside the champion (version 1, the larger weight).
+        assert repository.read_ab_weights(state) == {1: 0.9, 3: 0.1}
+        assert infer(splits.test.images[:2], url=env.http_url, version=3).shape == (2, 10)
+    finally:
+        repository.set_ab_weights({1: 0.9, 2: 0.1}, state_dir=state)
+        repository.set_live_versions(env.http_url, [1, 2], repo=env.repo, state_dir=state)
+        shutil.rmtree(env.repo / repository.MODEL_NAME / "3", ignore_errors=True)
+
+
+def test_deployment_limits_are_checked_before_anything_is_deployed(tmp_path: Path) -> None:
+    splits = stratified_split(
+        generate_synthetic(40, seed=4), validation_fraction=0.0, test_fraction=0.5, seed=0
+    )
+    onnx_model = OnnxModel(str(tmp_path / "model.onnx"), None, 3)
+    for bad in ({"max_rel_diff": -1e-4}, {"check_images": 0}):
+        with pytest.raises(dg.Failure, match="Nothing was deployed"):
+            triton_deployment(
+                context=dg.build_asset_context(),
+                config=DeploymentConfig(**bad),
+                triton=TritonResource(),
+                onnx_model=onnx_model,
+                cifar10_splits=splits,
+            )

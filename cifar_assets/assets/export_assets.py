@@ -69,7 +69,7 @@ def _limits(config: ExportConfig) -> dict[str, float]:
     group_name=TRAINING_GROUP,
     kinds={"onnx", "mlflow"},
     owners=["team:ml-platform"],
-    code_version="2",
+    code_version="3",
     description="ONNX export (dynamic batch) checked against PyTorch, plus a static QDQ INT8 model "
     "kept only within its accuracy and agreement limits.",
 )
@@ -142,6 +142,7 @@ def onnx_model(
             # and served, and no INT8 file is left for anything to pick up by mistake.
             context.log.warning(verdict.message(candidate))
             int8_rejected_because = "; ".join(verdict.reasons)
+            report["int8_rejected_because"] = int8_rejected_because
             candidate.unlink()
     registry.log_onnx_artifacts(
         mlflow.uri(), trained_model.mlflow_run_id, [p for p in (fp32, int8_path) if p]
@@ -156,8 +157,7 @@ def onnx_model(
         metadata={
             "fp32_path": dg.MetadataValue.path(str(fp32)),
             "int8_kept": int8_path is not None,
-            **({"int8_rejected_because": int8_rejected_because} if int8_rejected_because else {}),
-            **{k: v for k, v in report.items() if isinstance(v, int | float)},
+            **{k: v for k, v in report.items() if isinstance(v, int | float | str)},
             **{f"limit_{k}": v for k, v in limits.items()},
         },
     )
