@@ -70,7 +70,8 @@ def triton_deployment(
     server = triton.ensure_running(context.log)
     repo, state_dir = server.config.repo, server.config.state_dir
     version = onnx_model.registered_version
-    precision = "int8" if config.use_int8 and onnx_model.int8_path else "fp32"
+    int8_path = onnx_model.int8_path if config.use_int8 else None
+    precision = "int8" if int8_path else "fp32"
     if config.use_int8 and precision == "fp32":
         why = onnx_model.report.get("int8_rejected_because") or (
             "onnx_model made none: its quantize option was off"
@@ -79,7 +80,7 @@ def triton_deployment(
             f"use_int8 is set, but version {version} has no INT8 model ({why}); serving FP32. "
             "See the onnx_model asset's int8_* metadata."
         )
-    onnx_path = Path(onnx_model.int8_path if precision == "int8" else onnx_model.fp32_path)
+    onnx_path = Path(int8_path or onnx_model.fp32_path)
     repository.write_version(
         repo,
         onnx_path,
