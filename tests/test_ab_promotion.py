@@ -150,20 +150,23 @@ def test_use_int8_without_a_kept_int8_model_serves_fp32_and_says_so(
     )
     state = env.state_dir
     assert repository.read_ab_weights(state) == {1: 0.9, 2: 0.1}
+    context = dg.build_asset_context()
+    context.log.addHandler(caplog.handler)  # the run log's records, as the UI would show them
     try:
         output = triton_deployment(
-            context=dg.build_asset_context(),
+            context=context,
             config=DeploymentConfig(role="challenger", use_int8=True, check_images=16),
             triton=TritonResource(),
             onnx_model=onnx_model,
             cifar10_splits=splits,
         )
         metadata = output.metadata
-        assert metadata["served_precision"] == "fp32"
+        assert metadata["served_precision"].value == "fp32"
         assert metadata["served_file"].value == str(env.onnx[1])
         # Same file in the same runtime: at most rounding, within the relative limit.
-        assert metadata["max_abs_diff_vs_onnxruntime"] <= metadata["allowed_abs_diff"]
-        assert metadata["allowed_abs_diff"] >= 1e-3
+        allowed = metadata["allowed_abs_diff"].value
+        assert metadata["max_abs_diff_vs_onnxruntime"].value <= allowed
+        assert allowed >= 1e-3
         warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
         assert any(
             f"use_int8 is set, but version 3 has no INT8 model ({why}); serving FP32" in message
@@ -177,6 +180,11 @@ def test_use_int8_without_a_kept_int8_model_serves_fp32_and_says_so(
         assert repository.read_ab_weights(state) == {1: 0.9, 3: 0.1}
         assert infer(splits.test.images[:2], url=env.http_url, version=3).shape == (2, 10)
     finally:
+        # Back to versions 1 and 2: make 2 live, move the weights, then drop 3.
+        live = repository.read_live_versions(state)
+        repository.set_live_versions(
+            env.http_url, sorted({*live, 1, 2}), repo=env.repo, state_dir=state
+        )
         repository.set_ab_weights({1: 0.9, 2: 0.1}, state_dir=state)
         repository.set_live_versions(env.http_url, [1, 2], repo=env.repo, state_dir=state)
         shutil.rmtree(env.repo / repository.MODEL_NAME / "3", ignore_errors=True)
