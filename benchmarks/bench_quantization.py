@@ -336,9 +336,7 @@ def _profile_findings(profiles: dict[str, Any]) -> list[str]:
         "On this CPU (AVX2, no AVX-512 VNNI) ONNX Runtime's FP32 convolutions are already "
         "well blocked, and the INT8 gain depends on the layer's shape. The ImageNet stem "
         "shrinks a 32x32 image to 8x8 before its first block, so its last stage runs at 1x1 "
-        "outputs; the CIFAR stem works at 32x32 down to 4x4. Keeping the ImageNet stem's last "
-        "stage in FP32 (`nodes_to_exclude`) was tried and gained nothing measurable: its "
-        "INT8 and FP32 convolutions there cost about the same.",
+        "outputs; the CIFAR stem works at 32x32 down to 4x4.",
     ]
 
 
