@@ -205,6 +205,16 @@ def _load_router(env: ServingEnv, execution: str | None) -> None:
     )
 
 
+def _is_refused(user: str, url: str, errors: list[ServingError]) -> bool:
+    """True (and the error kept) when the router refuses ``user``'s request."""
+    try:
+        infer_ab(IMAGE, user, url=url)
+    except ServingError as exc:
+        errors.append(exc)
+        return True
+    return False
+
+
 def _wait_until(check: Callable[[], bool], what: str, timeout_s: float = 5.0) -> None:
     """Poll ``check()`` until it is true; the router re-checks versions at least once a second."""
     deadline = time.monotonic() + timeout_s
@@ -321,12 +331,7 @@ def test_a_version_unloaded_from_triton_is_no_longer_served(triton_server: Servi
     refused: list[ServingError] = []
 
     def two_is_refused() -> bool:
-        try:
-            infer_ab(IMAGE, on_two, url=env.http_url)
-        except ServingError as exc:
-            refused.append(exc)
-            return True
-        return False
+        return _is_refused(on_two, env.http_url, refused)
 
     _serve_versions_directly(env, [1])  # the weights still send 10 % to version 2
     try:
@@ -364,12 +369,7 @@ def test_a_rewritten_model_file_is_picked_up(triton_server: ServingEnv) -> None:
         return bool(np.allclose(result.logits, expected[version_file], rtol=1e-5, atol=1e-5))
 
     def refused() -> bool:
-        try:
-            infer_ab(IMAGE, user, url=env.http_url)
-        except ServingError as exc:
-            broken.append(exc)
-            return True
-        return False
+        return _is_refused(user, env.http_url, broken)
 
     broken: list[ServingError] = []
     assert serves(2)

@@ -26,13 +26,17 @@ class DeploymentConfig(dg.Config):
         description="Serve the INT8 model when onnx_model kept one; when its gate rejected INT8 "
         "(or quantize was off) FP32 is served, with a warning and served_precision=fp32.",
     )
-    check_images: int = Field(default=64, description="Test images compared with ONNX Runtime.")
+    check_images: int = Field(
+        default=64, ge=1, description="Test images compared with ONNX Runtime."
+    )
     max_abs_diff: float = Field(
         default=1e-3,
+        ge=0,
         description="Floor of the allowed logit difference between Triton and ONNX Runtime.",
     )
     max_rel_diff: float = Field(
         default=1e-4,
+        ge=0,
         description="Allowed logit difference as a share of the largest |logit| on the check "
         "images; the limit is max(max_abs_diff, max_rel_diff * max |logit|).",
     )
@@ -60,13 +64,6 @@ def triton_deployment(
     from cifar_assets.serving import repository
     from cifar_assets.serving.client import infer
 
-    if config.max_abs_diff < 0 or config.max_rel_diff < 0 or config.check_images < 1:
-        raise dg.Failure(
-            f"triton_deployment config: max_abs_diff={config.max_abs_diff}, max_rel_diff="
-            f"{config.max_rel_diff} and check_images={config.check_images} must be >= 0, >= 0 "
-            "and >= 1; fix them in the launchpad (defaults 1e-3, 1e-4 and 64). Nothing was "
-            "deployed."
-        )
     server = triton.ensure_running(context.log)
     repo, state_dir = server.config.repo, server.config.state_dir
     version = onnx_model.registered_version
