@@ -26,6 +26,7 @@ from cifar_assets.data.synthetic import generate_synthetic
 from cifar_assets.drift.baseline import BaselineVersionError, DriftBaseline, fit_baseline
 from cifar_assets.drift.detectors import DriftDetectorError, SoftmaxKSDetector
 from cifar_assets.drift.incoming import (
+    Discovery,
     IncomingBatch,
     batch_from_capture,
     batch_id_for,
@@ -357,7 +358,7 @@ def test_discover_batches_lists_files_and_folders_with_safe_ids(tmp_path: Path) 
     unlabelled = ImageSet.from_arrays(images.images[10:], np.full(10, UNLABELLED), "t")
     write_image_folder(unlabelled, tmp_path / "flat")
 
-    batches = discover_batches(tmp_path)
+    batches = discover_batches(tmp_path).batches
 
     by_id = {batch.batch_id: batch for batch in batches}
     weird = batch_id_for("night shift (2)")
@@ -366,8 +367,8 @@ def test_discover_batches_lists_files_and_folders_with_safe_ids(tmp_path: Path) 
     assert all(batch.batch_id.replace("-", "").replace("_", "").isalnum() for batch in batches)
     assert [b.batch_id for b in batches] == sorted(by_id)
     assert by_id["flat"].kind == "image_folder" and by_id[weird].kind == "npz"
-    assert discover_batches(tmp_path) == batches
-    assert discover_batches(tmp_path / "absent") == []
+    assert discover_batches(tmp_path).batches == batches
+    assert discover_batches(tmp_path / "absent") == Discovery()
 
     file_batch = load_batch(by_id["2026-01-05_cam1"])
     np.testing.assert_array_equal(file_batch.images, images.images)
@@ -384,8 +385,11 @@ def test_discover_batches_lists_files_and_folders_with_safe_ids(tmp_path: Path) 
 def test_same_name_as_file_and_folder_is_refused(tmp_path: Path) -> None:
     np.savez(tmp_path / "x.npz", images=generate_synthetic(2, seed=0).images)
     (tmp_path / "x").mkdir()
-    with pytest.raises(DataSourceError, match=r"/x and .*/x\.npz would both be batch 'x'; rename"):
-        discover_batches(tmp_path)
+    rejected = discover_batches(tmp_path).rejected
+    assert [entry.path.name for entry in rejected] == ["x", "x.npz"]
+    assert (
+        "/x and " in rejected[0].reason and "/x.npz would both be batch 'x'" in rejected[0].reason
+    )
 
 
 @pytest.mark.parametrize(
