@@ -23,11 +23,7 @@ from cifar_assets.jobs import (
 )
 from cifar_assets.resources import LocalStorageIOManager, MLflowResource, TritonResource
 from cifar_assets.schedules import daily_drift_schedule
-from cifar_assets.sensors import (
-    drift_retraining_sensor,
-    incoming_batch_sensor,
-    mlflow_cleanup_sensor,
-)
+from cifar_assets.sensors import drift_retraining_sensor, incoming_batch_sensor
 
 defs = dg.Definitions(
     assets=[
@@ -49,10 +45,10 @@ defs = dg.Definitions(
         monitoring_assets.drift_report,
         monitoring_assets.ab_test_report,
     ],
-    asset_checks=DATA_CHECKS,
+    asset_checks=[*DATA_CHECKS, serving_assets.serving_follows_registry],
     jobs=[data_job, main_job, drift_check_job, retraining_job, promotion_job, rollback_job],
     schedules=[daily_drift_schedule],
-    sensors=[incoming_batch_sensor, drift_retraining_sensor, mlflow_cleanup_sensor],
+    sensors=[incoming_batch_sensor, drift_retraining_sensor],
     resources={
         "io_manager": LocalStorageIOManager(),
         "mlflow": MLflowResource(),

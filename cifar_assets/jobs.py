@@ -1,13 +1,16 @@
 """Jobs: the data job, the main job (the whole chain), the drift check, retraining, and A/B
 promotion or rollback."""
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import dagster as dg
 from pydantic import Field
 
 from cifar_assets.assets.monitoring_assets import incoming_batches
-from cifar_assets.resources import MLflowResource, TritonResource
+from cifar_assets.resources import MLflowResource, TritonResource, rollout_for
+
+if TYPE_CHECKING:
+    from cifar_assets.serving.rollout import Rollout
 
 DATA_ASSETS = ["cifar10_raw", "cifar10_splits", "validation_report", "image_features"]
 MODEL_ASSETS = ["trained_model", "model_evaluation", "registered_model", "onnx_model"]
@@ -54,43 +57,59 @@ class PromotionConfig(dg.Config):
     reason: str = Field(default="", description="Why, for the audit record (forced actions).")
 
 
+def _checked(context: dg.OpExecutionContext, rollout: "Rollout") -> None:
+    """Fail the run when the transition left MLflow and serving disagreeing."""
+    problems = rollout.check(server_ready=rollout.server_ready)
+    if problems:
+        raise dg.Failure("Serving does not follow the registry: " + "; ".join(problems))
+    state = rollout.state()
+    context.log.info(
+        f"champion v{state.champion}, challenger {state.challenger or 'none'}, live "
+        f"{state.live_versions}, weights {state.to_dict()['weights']}"
+    )
+
+
 @dg.op(
-    description="Apply an A/B outcome to MLflow aliases, Triton's live versions and the router's "
-    "weights together, and append an audit record.",
+    description="Apply an A/B outcome through the rollout: promote makes the challenger champion "
+    "with the champion's traffic; rollback retires the challenger. MLflow aliases, Triton's live "
+    "versions and the router's weights move together, with a journal record.",
 )
 def apply_ab_outcome(
     context: dg.OpExecutionContext,
     config: PromotionConfig,
     mlflow: MLflowResource,
     triton: TritonResource,
-) -> dict:
-    from cifar_assets.serving.promotion import apply_ab_decision
-
+) -> None:
     event = context.instance.get_latest_materialization_event(dg.AssetKey("ab_test_report"))
     if event is None or event.asset_materialization is None:
         raise dg.Failure("No ab_test_report yet: materialize it first (monitoring group).")
     metadata = event.asset_materialization.metadata
     decision = str(metadata["decision"].value)
     action = decision if config.action == "apply_decision" else config.action
+    server = triton.ensure_running(context.log)
+    rollout = rollout_for(mlflow, server.config)
     if action not in ("promote", "rollback"):
         context.log.info(f"The A/B test says {decision}: nothing to apply.")
-        return {"action": "none", "decision": decision}
+        _checked(context, rollout)
+        return
+    treatment = int(metadata["treatment"].value)  # type: ignore[arg-type]
+    if rollout.state().challenger != treatment:
+        raise dg.Failure(
+            f"The latest ab_test_report judged v{treatment}, but MLflow's challenger is now "
+            f"{rollout.state().challenger or 'none'}; materialize ab_test_report again."
+        )
     reason = config.reason or str(metadata["reason"].value)
-    server = triton.ensure_running(context.log)
-    record = apply_ab_decision(
-        action,  # type: ignore[arg-type]
-        control=int(metadata["control"].value),  # type: ignore[arg-type]
-        treatment=int(metadata["treatment"].value),  # type: ignore[arg-type]
-        reason=reason,
-        tracking_uri=mlflow.uri(),
-        model_name=mlflow.registered_model_name(),
-        triton_url=server.config.http_url,
-        repo=server.config.repo,
-        state_dir=server.config.state_dir,
-        actor=f"dagster run {context.run_id}",
-    )
-    context.log.info(f"{action}: champion v{record.champion_after}, live {record.live_versions}")
-    return dict(vars(record))
+    evidence = {
+        "ab_test_report": event.run_id,
+        **{key: metadata[key].value for key in ("decision", "srm_p_value", "sequential_p_value")},
+    }
+    actor = f"dagster run {context.run_id}"
+    if action == "promote":
+        rollout.promote(treatment, reason=f"A/B test: {reason}", actor=actor, evidence=evidence)
+    else:
+        rollout.retire(treatment, reason=f"A/B test: {reason}", actor=actor, evidence=evidence)
+    context.log.info(f"{action}: v{treatment}")
+    _checked(context, rollout)
 
 
 @dg.job(description="Promote the A/B challenger or roll it back: aliases, Triton, router, audit.")
@@ -99,43 +118,26 @@ def promotion_job() -> None:
 
 
 class RollbackConfig(dg.Config):
-    reason: str = Field(description="Why the champion is rolled back (kept in the history).")
+    reason: str = Field(description="Why the champion is rolled back (kept in the journal).")
 
 
-@dg.op(description="Move the MLflow champion alias back to the previous champion, and serve it.")
+@dg.op(description="Give the champion alias and its traffic back to the previous champion.")
 def rollback_champion(
     context: dg.OpExecutionContext,
     config: RollbackConfig,
     mlflow: MLflowResource,
     triton: TritonResource,
-) -> int:
-    from cifar_assets.ml import registry
-    from cifar_assets.serving import repository
+) -> None:
+    from cifar_assets.serving.rollout import RolloutError
 
-    champion = registry.rollback(
-        mlflow.uri(), config.reason, mlflow.registered_model_name(), f"dagster run {context.run_id}"
-    )
     server = triton.ensure_running(context.log)
-    if champion.version in repository.list_versions(server.config.repo):
-        url = server.config.http_url
-        live = repository.read_live_versions(server.config.state_dir)
-        repository.set_live_versions(
-            url,
-            sorted({*live, champion.version}),
-            repo=server.config.repo,
-            state_dir=server.config.state_dir,
-        )
-        repository.set_ab_weights({champion.version: 1.0}, state_dir=server.config.state_dir)
-        repository.set_live_versions(
-            url, [champion.version], repo=server.config.repo, state_dir=server.config.state_dir
-        )
-        context.log.info(f"Triton now serves v{champion.version} only")
-    else:
-        context.log.warning(
-            f"v{champion.version} has no folder in {server.config.repo}; Triton is unchanged. "
-            "Re-run onnx_model and triton_deployment for it."
-        )
-    return champion.version
+    rollout = rollout_for(mlflow, server.config)
+    try:
+        transition = rollout.rollback(reason=config.reason, actor=f"dagster run {context.run_id}")
+    except RolloutError as error:
+        raise dg.Failure(str(error)) from error
+    context.log.info(f"Rolled back: champion v{transition.after['champion']}")
+    _checked(context, rollout)
 
 
 @dg.job(description="Roll the champion back to the previous one (registry and Triton).")

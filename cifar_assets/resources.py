@@ -170,3 +170,16 @@ class TritonResource(dg.ConfigurableResource):
 class _RunningServer:
     def __init__(self, config: Any) -> None:
         self.config = config
+
+
+def rollout_for(mlflow: MLflowResource, server_config: Any) -> Any:
+    """The lifecycle owner (cifar_assets.serving.rollout.Rollout) for this registry and server."""
+    from cifar_assets.serving.rollout import Rollout
+
+    return Rollout(
+        tracking_uri=mlflow.uri(),
+        model_name=mlflow.registered_model_name(),
+        triton=server_config.http_url,
+        repo=server_config.repo,
+        state_dir=server_config.state_dir,
+    )

@@ -1,9 +1,11 @@
-"""Sensors: register new production batches and check them for drift; request a retraining
-when a drift report says drift."""
+"""Sensors: register new production batches and check them for drift; request retraining when
+drift reports say drift, under a written policy (evaluate_retraining)."""
 
 import json
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,24 +31,35 @@ ACTIVE_STATUSES = [
     description="Registers each new file or folder in CIFAR_INCOMING_DIR as an incoming_batch "
     "partition and launches its drift check.",
 )
-def incoming_batch_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
+def incoming_batch_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
     from cifar_assets.drift.incoming import discover_batches
 
+    incoming_dir = get_settings().incoming_dir
+    discovery = discover_batches(incoming_dir)
+    # A bad entry is reported once (not at every tick) and never holds up the others.
+    reported = set(json.loads(context.cursor)) if context.cursor else set()
+    problems = {f"{e.path}: {e.reason}": e for e in (*discovery.rejected, *discovery.ignored)}
+    for key, entry in problems.items():
+        if key not in reported:
+            log = context.log.warning if entry in discovery.rejected else context.log.info
+            log(f"{'Refused' if entry in discovery.rejected else 'Ignored'} {key}")
     known = set(context.instance.get_dynamic_partitions(INCOMING_PARTITIONS))
-    new = [
-        b.batch_id for b in discover_batches(get_settings().incoming_dir) if b.batch_id not in known
-    ]
-    if not new:
-        return dg.SkipReason(f"No new batch in {get_settings().incoming_dir}.")
+    new = [b.batch_id for b in discovery.batches if b.batch_id not in known]
     return dg.SensorResult(
         run_requests=[dg.RunRequest(partition_key=key, run_key=f"drift-{key}") for key in new],
-        dynamic_partitions_requests=[incoming_batches.build_add_request(new)],
+        dynamic_partitions_requests=[incoming_batches.build_add_request(new)] if new else None,
+        skip_reason=None
+        if new
+        else f"No new batch in {incoming_dir} ({len(discovery.rejected)} entries refused).",
+        cursor=json.dumps(sorted(problems)),
     )
 
 
-class RetrainingPolicy(dg.Config):
-    cooldown_hours: float = 6.0
-    challenger_share: float = 0.1
+@dataclass(frozen=True)
+class RetrainingPolicy:
+    cooldown_hours: float = 6.0  # from the end of the last successful retraining
+    failure_backoff_minutes: float = 30.0  # after a failed attempt, before the next
+    challenger_share: float = 0.1  # router traffic of the retrained challenger
 
 
 class RetrainingConfigError(ValueError):
@@ -108,114 +121,212 @@ def _merged(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, A
 
 
 def retraining_run_config(
-    batch: str, labelled: bool, challenger_share: float, base: Mapping[str, Any]
+    labelled_batches: list[str], challenger_share: float, base: Mapping[str, Any]
 ) -> dict[str, Any]:
     """Run config of a retraining: ``base`` (the training recipe, see load_retraining_base) with
-    the per-batch settings laid over it. The drifted batch joins the training data when it has
-    labels (after any ``extra_batches`` the base lists), the new version registers as challenger
-    only, and Triton gives it ``challenger_share``; these win over what the base says."""
+    the drift settings laid over it. Every labelled drifted batch joins the training data (after
+    any ``extra_batches`` the base lists), the new version is held as challenger (the A/B test
+    decides), and Triton gives it ``challenger_share``; these win over what the base says."""
     extra = list(_raw_config(base).get("extra_batches", []))
-    if labelled:
-        extra.append(str(stored_value_path("incoming_batch", batch)))
-    per_batch: dict[str, Any] = {
+    extra += [str(stored_value_path("incoming_batch", batch)) for batch in labelled_batches]
+    per_run: dict[str, Any] = {
         "ops": {
             "registered_model": {"config": {"promote_automatically": False}},
-            "triton_deployment": {
-                "config": {"role": "challenger", "challenger_share": challenger_share}
-            },
+            "triton_deployment": {"config": {"challenger_share": challenger_share}},
         }
     }
     if extra:
-        per_batch["ops"]["cifar10_raw"] = {"config": {"extra_batches": extra}}
-    return _merged(base, per_batch)
+        per_run["ops"]["cifar10_raw"] = {"config": {"extra_batches": extra}}
+    return _merged(base, per_run)
+
+
+COVERS_TAG = "cifar/covers_drift_reports_through"  # storage id of the newest report a run covers
+BATCHES_TAG = "cifar/drift_batches"
+
+
+@dataclass(frozen=True)
+class RetrainingHistory:
+    """What earlier retraining runs did, read from the Dagster instance."""
+
+    covered_through: int  # newest drift report covered by a successful retraining
+    last_success_end: float | None
+    active_run_id: str | None
+    failures_since: int  # failed attempts at the reports not yet covered
+    last_failure_end: float | None
+
+
+def retraining_history(instance: dg.DagsterInstance) -> RetrainingHistory:
+    records = instance.get_run_records(
+        filters=dg.RunsFilter(job_name=retraining_job.name), limit=200
+    )
+    succeeded = [r for r in records if r.dagster_run.status == dg.DagsterRunStatus.SUCCESS]
+    covered = max((int(r.dagster_run.tags.get(COVERS_TAG, 0)) for r in succeeded), default=0)
+    failed = [
+        r
+        for r in records
+        if r.dagster_run.status in (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)
+        and int(r.dagster_run.tags.get(COVERS_TAG, 0)) > covered
+    ]
+    active = [r for r in records if r.dagster_run.status in ACTIVE_STATUSES]
+    return RetrainingHistory(
+        covered_through=covered,
+        last_success_end=max((r.end_time or 0.0 for r in succeeded), default=None),
+        active_run_id=active[0].dagster_run.run_id if active else None,
+        failures_since=len(failed),
+        last_failure_end=max((r.end_time or 0.0 for r in failed), default=None),
+    )
+
+
+def _drifted(record: dg.EventLogRecord) -> bool:
+    materialization = record.asset_materialization
+    if materialization is None:
+        return False
+    return bool(materialization.metadata.get("drift", dg.BoolMetadataValue(False)).value)
+
+
+def _labelled(record: dg.EventLogRecord) -> bool:
+    materialization = record.asset_materialization
+    assert materialization is not None
+    return bool(materialization.metadata.get("labelled", dg.BoolMetadataValue(False)).value)
+
+
+def _drift_reports(instance: dg.DagsterInstance, after: int) -> list[dg.EventLogRecord]:
+    records: list[dg.EventLogRecord] = []
+    while True:
+        page = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey("drift_report"), after_storage_id=after),
+            limit=500,
+            ascending=True,
+        ).records
+        records.extend(page)
+        if len(page) < 500:
+            return records
+        after = page[-1].storage_id
 
 
 def evaluate_retraining(
     context: dg.SensorEvaluationContext,
-    cooldown_hours: float = RetrainingPolicy().cooldown_hours,
-    challenger_share: float = RetrainingPolicy().challenger_share,
-) -> dg.SensorResult | dg.SkipReason:
-    # Read first, so that a broken file fails every tick (red in the UI) rather than only the
-    # one that finds drift; the raised error leaves the cursor where it was, so the drift report
-    # is handled once the file is fixed.
+    policy: RetrainingPolicy | None = None,
+    now: float | None = None,
+) -> dg.SensorResult:
+    """The retraining policy (README, "Drift, retraining and A/B promotion"):
+
+    - one retraining run covers every drifted report since the last successful retraining, and
+      trains on every labelled batch among them;
+    - never while a retraining runs; the cooldown counts from the last success; after a failed
+      attempt the next waits ``failure_backoff_minutes``;
+    - every new report gets an action recorded on it (an observation of its drift_report
+      partition, shown in the UI), so none is consumed silently.
+    """
+    policy = policy or RetrainingPolicy()
+    now = time.time() if now is None else now
+    # Read first, so that a broken file fails every tick (red in the UI); the cursor stays, so
+    # the reports are handled once the file is fixed.
     base = load_retraining_base(get_settings().retraining_config)
+    _end_orphaned_mlflow_runs(context.instance, context.log)
     cursor = json.loads(context.cursor) if context.cursor else {}
-    after = cursor.get("after_storage_id")
-    records = context.instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey("drift_report"), after_storage_id=after),
-        limit=100,
-        ascending=True,
-    ).records
-    if not records:
-        return dg.SkipReason("No new drift report.")
-    cursor["after_storage_id"] = records[-1].storage_id
-    drifted = [
-        r
-        for r in records
-        if r.asset_materialization
-        and r.asset_materialization.metadata.get("drift", dg.BoolMetadataValue(False)).value
-    ]
-    if not drifted:
-        return dg.SensorResult(
-            skip_reason="New drift reports show no drift.", cursor=json.dumps(cursor)
+    history = retraining_history(context.instance)
+    seen = int(cursor.get("seen_through", 0))
+    new_reports = _drift_reports(context.instance, seen)
+    pending = [r for r in _drift_reports(context.instance, history.covered_through) if _drifted(r)]
+
+    request: dg.RunRequest | None = None
+    if not pending:
+        decision = "no drifted report waits for a retraining"
+    elif history.active_run_id is not None:
+        decision = (
+            f"waiting: retraining run {history.active_run_id} is running; the next retraining "
+            "covers this report"
         )
-    latest = drifted[-1]
-    batch = latest.partition_key or "unpartitioned"
-    active = context.instance.get_runs(
-        filters=dg.RunsFilter(job_name=retraining_job.name, statuses=ACTIVE_STATUSES), limit=1
-    )
-    if active:
-        reason = f"Drift in batch {batch}, but retraining run {active[0].run_id} is still running."
-        context.log.info(reason)
-        return dg.SensorResult(skip_reason=reason, cursor=json.dumps(cursor))
-    last_request = cursor.get("last_request_time", 0.0)
-    waited_h = (time.time() - last_request) / 3600
-    if waited_h < cooldown_hours:
-        reason = (
-            f"Drift in batch {batch}, but the last retraining was requested {waited_h:.1f} h ago "
-            f"(cooldown {cooldown_hours} h)."
+    elif (
+        history.last_success_end is not None
+        and now - history.last_success_end < policy.cooldown_hours * 3600
+    ):
+        until = history.last_success_end + policy.cooldown_hours * 3600
+        decision = (
+            f"waiting: cooldown of {policy.cooldown_hours} h after the last successful "
+            f"retraining, until {_utc(until)}"
         )
-        context.log.info(reason)
-        return dg.SensorResult(skip_reason=reason, cursor=json.dumps(cursor))
-    labelled = bool(latest.asset_materialization.metadata["labelled"].value)  # type: ignore[union-attr]
-    cursor["last_request_time"] = time.time()
-    context.log.info(f"Drift in batch {batch}: requesting one retraining run.")
-    return dg.SensorResult(
-        run_requests=[
-            dg.RunRequest(
-                run_key=f"retrain-{batch}-{latest.storage_id}",
-                run_config=retraining_run_config(batch, labelled, challenger_share, base),
-                tags={"drift_report": batch},
+    elif (
+        history.last_failure_end is not None
+        and now - history.last_failure_end < policy.failure_backoff_minutes * 60
+    ):
+        until = history.last_failure_end + policy.failure_backoff_minutes * 60
+        decision = (
+            f"waiting: the last retraining attempt failed; the next starts after {_utc(until)}"
+        )
+    else:
+        through = pending[-1].storage_id
+        batches = [r.partition_key or "unpartitioned" for r in pending]
+        labelled = [r.partition_key for r in pending if _labelled(r) and r.partition_key]
+        run_key = f"retrain-through-{through}-attempt-{history.failures_since + 1}"
+        request = dg.RunRequest(
+            run_key=run_key,
+            run_config=retraining_run_config(labelled, policy.challenger_share, base),
+            tags={COVERS_TAG: str(through), BATCHES_TAG: ",".join(batches)[:1000]},
+        )
+        decision = (
+            f"retraining requested ({run_key}) for {len(pending)} drifted report(s) "
+            f"({', '.join(batches)}); training data adds labelled batches "
+            f"{', '.join(labelled) or 'none'}"
+        )
+    context.log.info(decision)
+
+    observations = []
+    for record in new_reports:
+        action = decision if _drifted(record) else "no drift: no retraining needed"
+        if _drifted(record) and record.storage_id <= history.covered_through:
+            action = "drift: already covered by a successful retraining"
+        observations.append(
+            dg.AssetObservation(
+                asset_key="drift_report",
+                partition=record.partition_key,
+                metadata={"retraining_action": action, "report_storage_id": record.storage_id},
             )
-        ],
+        )
+    if new_reports:
+        cursor["seen_through"] = new_reports[-1].storage_id
+    return dg.SensorResult(
+        run_requests=[request] if request else None,
+        skip_reason=None if request else decision,
         cursor=json.dumps(cursor),
+        asset_events=observations,
     )
+
+
+def _utc(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="minutes")
+
+
+def _end_orphaned_mlflow_runs(instance: dg.DagsterInstance, log: Any) -> None:
+    """Mark FAILED any MLflow run whose Dagster run has ended while the MLflow run is still
+    RUNNING (a step killed with SIGKILL cannot end its own run)."""
+    from cifar_assets.ml.tracking import end_runs_of_ended_dagster_runs
+
+    settings = get_settings()
+    ended = end_runs_of_ended_dagster_runs(
+        settings.mlflow_tracking_uri,
+        settings.mlflow_experiment_name,
+        lambda run_id: _ended_status(instance, run_id),
+    )
+    for mlflow_run, reason in ended.items():
+        log.warning(f"MLflow run {mlflow_run} marked FAILED: {reason}")
+
+
+def _ended_status(instance: dg.DagsterInstance, run_id: str) -> str | None:
+    run = instance.get_run_by_id(run_id)
+    if run is None or not run.is_finished:
+        return None
+    return run.status.value
 
 
 @dg.sensor(
     job=retraining_job,
     minimum_interval_seconds=60,
-    description="When a drift report says drift, requests one retraining run per report, with a "
-    "cooldown; skipped while a retraining is running.",
-)
-def drift_retraining_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
-    return evaluate_retraining(context)
-
-
-@dg.run_failure_sensor(
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Marks FAILED any MLflow run a failed Dagster run left RUNNING (a killed step "
-    "process cannot end its own run).",
+    description="The retraining policy: one retraining_job run for all drifted drift reports "
+    "since the last successful retraining (training on every labelled batch among them), never "
+    "while one runs, a cooldown from the last success, and an action recorded on every report.",
 )
-def mlflow_cleanup_sensor(context: dg.RunFailureSensorContext) -> None:
-    from cifar_assets.ml.tracking import end_orphaned_runs
-
-    settings = get_settings()
-    ended = end_orphaned_runs(
-        settings.mlflow_tracking_uri,
-        settings.mlflow_experiment_name,
-        "dagster_run_id",
-        context.dagster_run.run_id,
-    )
-    if ended:
-        context.log.info(f"Marked MLflow runs {ended} FAILED")
+def drift_retraining_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+    return evaluate_retraining(context)

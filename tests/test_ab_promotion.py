@@ -1,6 +1,6 @@
 """An A/B test end to end on a real tritonserver and a real MLflow store: traffic through the
-router, feedback, the ab_test_report asset's decision, and the promotion that applies it to the
-registry aliases, Triton's live versions and the router's weights together."""
+router, feedback, the ab_test_report asset's decision, and the rollout's promotion that applies it
+to the registry aliases, Triton's live versions and the router's weights together."""
 
 from __future__ import annotations
 
@@ -15,9 +15,13 @@ import pytest
 from mlflow import MlflowClient
 from pydantic import ValidationError
 
-from cifar_assets.artifacts import OnnxModel, TritonDeployment
+from cifar_assets.artifacts import OnnxModel, RegisteredModel, TritonDeployment
 from cifar_assets.assets.monitoring_assets import ABTestConfig, ab_test_report
-from cifar_assets.assets.serving_assets import DeploymentConfig, triton_deployment
+from cifar_assets.assets.serving_assets import (
+    DeploymentConfig,
+    serving_follows_registry,
+    triton_deployment,
+)
 from cifar_assets.data.splits import stratified_split
 from cifar_assets.data.synthetic import generate_synthetic
 from cifar_assets.ml import registry
@@ -27,7 +31,7 @@ from cifar_assets.resources import MLflowResource, TritonResource
 from cifar_assets.serving import repository
 from cifar_assets.serving.capture import record_feedback
 from cifar_assets.serving.client import infer, infer_ab
-from cifar_assets.serving.promotion import apply_ab_decision, read_audit
+from cifar_assets.serving.rollout import Rollout
 from tests.serving_fixtures import (  # noqa: F401
     ServingEnv,
     onnx_models_fixture,
@@ -36,14 +40,28 @@ from tests.serving_fixtures import (  # noqa: F401
 
 
 def register_versions(uri: str, tmp_path: Path) -> None:
-    """Versions 1 and 2 in the registry (1 champion), matching Triton's versions 1 and 2."""
+    """Versions 1 and 2 in the registry without aliases, as the pipeline registers them (the
+    rollout gives the alias once Triton serves the version)."""
     arch = Architecture(stem="imagenet")
     for version in (1, 2):
         model_dir = save_model(build_resnet18(arch), arch, tmp_path / f"m{version}").parent
         with tracking_run(uri, "ab-test", f"train-{version}", {}) as run_id:
             pass
-        registry.register(uri, run_id, model_dir, {"accuracy": 0.5}, "data-v1")
-    registry.promote(uri, 1, "first model")
+        registry.register(uri, run_id, model_dir, {"accuracy": 0.5}, "data-v1", alias=None)
+
+
+def rollout_for_test(env: ServingEnv, uri: str) -> Rollout:
+    return Rollout(
+        tracking_uri=uri,
+        model_name="cifar10-resnet18",
+        triton=env.http_url,
+        repo=env.repo,
+        state_dir=env.state_dir,
+    )
+
+
+def checked() -> dict[str, float]:
+    return {"max_abs_diff_vs_onnxruntime": 0.0}
 
 
 def point_settings_at(env: ServingEnv, uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -67,15 +85,14 @@ def test_ab_report_decides_and_promotion_applies_everywhere(
     point_settings_at(triton_server, uri, monkeypatch)
     register_versions(uri, tmp_path)
     state = triton_server.state_dir
-    repository.set_live_versions(
-        triton_server.http_url, [1, 2], repo=triton_server.repo, state_dir=state
-    )
-    repository.set_ab_weights({1: 0.5, 2: 0.5}, state_dir=state)
+    rollout = rollout_for_test(triton_server, uri)
+    rollout.deploy(1, "champion", checked, reason="first model", actor="test")
+    rollout.deploy(2, "challenger", checked, reason="retrained", actor="test", challenger_share=0.4)
     try:
         # Feedback plants a real difference: version 2 is always right, version 1 never.
         images = np.random.default_rng(3).integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)
         served = [
-            infer_ab(images, user_id=f"ab-user-{i}", url=triton_server.http_url) for i in range(240)
+            infer_ab(images, user_id=f"ab-user-{i}", url=triton_server.http_url) for i in range(300)
         ]
         time.sleep(2.5)  # the router flushes its capture at least once a second
         for result in served:
@@ -83,7 +100,7 @@ def test_ab_report_decides_and_promotion_applies_everywhere(
             label = predicted if result.served_version == 2 else (predicted + 1) % 10
             record_feedback(triton_server.capture_dir, result.request_id, label)
 
-        deployment = TritonDeployment("cifar10_resnet18", 2, [1, 2], "", "")
+        deployment = TritonDeployment("cifar10_resnet18", 2, [1, 2], "", "")  # the input only
         output = ab_test_report(
             context=dg.build_asset_context(),
             config=ABTestConfig(),
@@ -92,7 +109,7 @@ def test_ab_report_decides_and_promotion_applies_everywhere(
             triton_deployment=deployment,
         )
         summary = output.value
-        assert (summary.control, summary.treatment) == (1, 2)  # 50/50: the older is control
+        assert (summary.control, summary.treatment) == (1, 2)  # champion against challenger
         assert summary.decision == "promote", summary.reason
         assert output.metadata["srm_p_value"].value > 0.001
         # The report is an MLflow run too: per-version figures and the picture.
@@ -105,30 +122,28 @@ def test_ab_report_decides_and_promotion_applies_everywhere(
         logged = {artifact.path for artifact in client.list_artifacts(ab_run.info.run_id)}
         assert logged == {"ab_report.json", "ab_results.png"}
 
-        record = apply_ab_decision(
-            summary.decision,  # type: ignore[arg-type]
-            control=summary.control,
-            treatment=summary.treatment,
+        transition = rollout.promote(
+            summary.treatment,
             reason=summary.reason,
-            tracking_uri=uri,
-            model_name="cifar10-resnet18",
-            triton_url=triton_server.http_url,
-            repo=triton_server.repo,
-            state_dir=state,
+            actor="test",
+            evidence={"decision": summary.decision},
         )
-        champion = registry.get_champion(uri)
-        assert champion is not None
-        assert champion.version == record.champion_after == 2
-        assert record.champion_before == 1
-        assert repository.read_live_versions(state) == [2] == record.live_versions
+        assert transition.before["champion"] == 1 and transition.after["champion"] == 2
+        # The whole state moved: aliases, weights, live versions, what the server answers.
+        assert registry.aliases(uri) == {"champion": 2}
+        assert repository.read_live_versions(state) == [2]
         assert repository.read_ab_weights(state) == {2: 1.0}
-        assert read_audit(state)[-1]["action"] == summary.decision
+        assert rollout.check(server_ready=rollout.server_ready) == []
+        assert rollout.journal()[-1]["action"] == "promote"
+        assert rollout.journal()[-1]["evidence"] == {"decision": "promote"}
         assert infer_ab(images, "after-promotion", url=triton_server.http_url).served_version == 2
     finally:
         repository.set_live_versions(
             triton_server.http_url, [1, 2], repo=triton_server.repo, state_dir=state
         )
         repository.set_ab_weights({1: 0.9, 2: 0.1}, state_dir=state)
+        (state / "rollout.json").unlink(missing_ok=True)
+        (state / "rollout_journal.jsonl").unlink(missing_ok=True)
 
 
 def test_use_int8_without_a_kept_int8_model_serves_fp32_and_says_so(
@@ -138,26 +153,38 @@ def test_use_int8_without_a_kept_int8_model_serves_fp32_and_says_so(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     env = triton_server
-    point_settings_at(env, f"sqlite:///{tmp_path / 'mlflow.db'}", monkeypatch)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    point_settings_at(env, uri, monkeypatch)
     splits = stratified_split(
         generate_synthetic(200, seed=4), validation_fraction=0.0, test_fraction=0.5, seed=0
     )
     why = "its top-1 agreement with FP32 is 0.9400 on 2000 images"
+    register_versions(uri, tmp_path)
+    arch = Architecture(stem="imagenet")
+    with tracking_run(uri, "ab-test", "train-3", {}) as run_id:
+        pass
+    model_dir = save_model(build_resnet18(arch), arch, tmp_path / "m3").parent
+    registry.register(uri, run_id, model_dir, {"accuracy": 0.5}, "data-v1", alias=None)
+    rollout_for_test(env, uri).deploy(1, "champion", checked, reason="first", actor="test")
     onnx_model = OnnxModel(
         fp32_path=str(env.onnx[1]),
         int8_path=None,
         registered_version=3,
         report={"int8_rejected_because": why},
     )
+    registered = RegisteredModel(
+        "cifar10-resnet18", 3, run_id, is_champion=False, decision_reason="kept champion"
+    )
     state = env.state_dir
-    assert repository.read_ab_weights(state) == {1: 0.9, 2: 0.1}
     context = dg.build_asset_context()
     context.log.addHandler(caplog.handler)  # the run log's records, as the UI would show them
     try:
         output = triton_deployment(
             context=context,
-            config=DeploymentConfig(role="challenger", use_int8=True, check_images=16),
+            config=DeploymentConfig(use_int8=True, check_images=16),
+            mlflow=MLflowResource(tracking_uri=uri),
             triton=TritonResource(),
+            registered_model=registered,
             onnx_model=onnx_model,
             cifar10_splits=splits,
         )
@@ -177,9 +204,16 @@ def test_use_int8_without_a_kept_int8_model_serves_fp32_and_says_so(
             (env.repo / repository.MODEL_NAME / "3" / "version.json").read_text()
         )
         assert version_info["precision"] == "fp32"
-        # A challenger beside the champion (version 1, the larger weight).
+        # The gate kept the champion: v3 is the challenger beside v1, in MLflow and in Triton.
+        assert metadata["role"].value == "challenger"
+        assert registry.aliases(uri) == {"champion": 1, "challenger": 3}
         assert repository.read_ab_weights(state) == {1: 0.9, 3: 0.1}
+        assert repository.read_live_versions(state) == [1, 3]
         assert infer(splits.test.images[:2], url=env.http_url, version=3).shape == (2, 10)
+        check = serving_follows_registry(
+            mlflow=MLflowResource(tracking_uri=uri), triton=TritonResource()
+        )
+        assert check.passed, check.description
     finally:
         # Back to versions 1 and 2: make 2 live, move the weights, then drop 3.
         live = repository.read_live_versions(state)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,7 +17,10 @@ from cifar_assets.definitions import defs
 from cifar_assets.drift.incoming import capture_window_key
 from cifar_assets.schedules import daily_drift_schedule
 from cifar_assets.sensors import (
+    BATCHES_TAG,
+    COVERS_TAG,
     RetrainingConfigError,
+    RetrainingPolicy,
     drift_retraining_sensor,
     evaluate_retraining,
     incoming_batch_sensor,
@@ -45,74 +49,159 @@ def report_drift(instance: dg.DagsterInstance, batch: str, drift: bool, labelled
     )
 
 
-def test_drift_report_requests_exactly_one_retraining(instance: dg.DagsterInstance) -> None:
+def retraining_run(
+    instance: dg.DagsterInstance, covers: int | None, status: dg.DagsterRunStatus
+) -> dg.DagsterRun:
+    """A retraining_job run in the instance, as the daemon would have left it."""
+    job = defs.resolve_job_def("retraining_job")
+    tags = {COVERS_TAG: str(covers)} if covers is not None else {}
+    run = instance.create_run_for_job(job_def=job, run_config={}, tags=tags)
+    events = {
+        dg.DagsterRunStatus.STARTED: [dg.DagsterEventType.RUN_START],
+        dg.DagsterRunStatus.SUCCESS: [
+            dg.DagsterEventType.RUN_START,
+            dg.DagsterEventType.RUN_SUCCESS,
+        ],
+        dg.DagsterRunStatus.FAILURE: [
+            dg.DagsterEventType.RUN_START,
+            dg.DagsterEventType.RUN_FAILURE,
+        ],
+    }[status]
+    for event in events:
+        instance.handle_run_event(
+            run.run_id, dg.DagsterEvent(event_type_value=event.value, job_name=job.name)
+        )
+    return run
+
+
+def tick(
+    instance: dg.DagsterInstance,
+    cursor: str | None = None,
+    now: float | None = None,
+    policy: RetrainingPolicy | None = None,
+) -> dg.SensorResult:
+    context = dg.build_sensor_context(instance=instance, cursor=cursor)
+    return evaluate_retraining(context, policy, now=now)
+
+
+def actions(result: dg.SensorResult) -> dict[str, str]:
+    """batch -> the retraining action recorded on its drift report."""
+    return {
+        str(event.partition): str(event.metadata["retraining_action"].value)
+        for event in result.asset_events
+    }
+
+
+def latest_report_id(instance: dg.DagsterInstance) -> int:
+    records = instance.fetch_materializations(dg.AssetKey("drift_report"), limit=1).records
+    return records[0].storage_id
+
+
+def test_drift_report_requests_one_retraining_and_records_why(
+    instance: dg.DagsterInstance,
+) -> None:
     report_drift(instance, "batch-a", drift=True, labelled=True)
-    context = dg.build_sensor_context(instance=instance, definitions=defs)
-    first = evaluate_retraining(context)
-    assert isinstance(first, dg.SensorResult)
-    assert len(first.run_requests or []) == 1
-    request = (first.run_requests or [])[0]
-    assert request.run_key is not None and request.run_key.startswith("retrain-batch-a-")
+    first = tick(instance)
+    (request,) = first.run_requests or []
+    through = latest_report_id(instance)
+    assert request.run_key == f"retrain-through-{through}-attempt-1"
+    assert request.tags[COVERS_TAG] == str(through) and request.tags[BATCHES_TAG] == "batch-a"
     ops = request.run_config["ops"]
     assert ops["cifar10_raw"]["config"]["extra_batches"][0].endswith(
         "incoming_batch/batch-a/value.imageset.npz"
     )
     assert ops["registered_model"]["config"] == {"promote_automatically": False}
-    assert ops["triton_deployment"]["config"] == {"role": "challenger", "challenger_share": 0.1}
+    assert ops["triton_deployment"]["config"] == {"challenger_share": 0.1}
     # the training recipe is configs/retraining.yaml's CPU recipe, not the GPU defaults
     assert ops["trained_model"]["config"]["epochs"] == 4
     assert ops["trained_model"]["config"]["stem"] == "imagenet"
     assert ops["cifar10_raw"]["config"]["source"] == "synthetic"
-    # and the whole request is a valid run config of retraining_job
     dg.validate_run_config(defs.resolve_job_def("retraining_job"), request.run_config)
+    assert actions(first)["batch-a"].startswith(f"retraining requested (retrain-through-{through}")
 
-    # the same report evaluated again requests nothing
-    again = evaluate_retraining(dg.build_sensor_context(instance=instance, cursor=first.cursor))
-    assert isinstance(again, dg.SkipReason)
-
-
-def test_unlabelled_drift_retrains_without_adding_the_batch(instance: dg.DagsterInstance) -> None:
-    report_drift(instance, "batch-u", drift=True, labelled=False)
-    result = evaluate_retraining(dg.build_sensor_context(instance=instance))
-    assert isinstance(result, dg.SensorResult)
-    raw = (result.run_requests or [])[0].run_config["ops"]["cifar10_raw"]["config"]
-    assert "extra_batches" not in raw and raw["num_images"] == 3000
+    # Evaluated again before the daemon launched it: the same run key, launched only once.
+    again = tick(instance, first.cursor)
+    assert [r.run_key for r in again.run_requests or []] == [request.run_key]
+    assert actions(again) == {}  # the report's action is recorded once
 
 
-def test_no_drift_and_cooldown_request_nothing(instance: dg.DagsterInstance) -> None:
+def test_all_drifted_reports_since_the_last_success_make_one_run(
+    instance: dg.DagsterInstance,
+) -> None:
     report_drift(instance, "calm", drift=False, labelled=True)
-    calm = evaluate_retraining(dg.build_sensor_context(instance=instance))
-    assert isinstance(calm, dg.SensorResult) and not calm.run_requests
-    assert "no drift" in (calm.skip_reason.skip_message or "")  # type: ignore[union-attr]
-
     report_drift(instance, "storm-1", drift=True, labelled=True)
-    fired = evaluate_retraining(dg.build_sensor_context(instance=instance, cursor=calm.cursor))
-    assert isinstance(fired, dg.SensorResult) and len(fired.run_requests or []) == 1
-    report_drift(instance, "storm-2", drift=True, labelled=True)
-    cooled = evaluate_retraining(dg.build_sensor_context(instance=instance, cursor=fired.cursor))
-    assert isinstance(cooled, dg.SensorResult) and not cooled.run_requests
-    assert "cooldown" in (cooled.skip_reason.skip_message or "")  # type: ignore[union-attr]
-    # after the cooldown the next drift report fires again
-    cursor = json.loads(cooled.cursor or "{}")
-    cursor["last_request_time"] -= 7 * 3600
+    report_drift(instance, "storm-2", drift=True, labelled=False)
     report_drift(instance, "storm-3", drift=True, labelled=True)
-    later = evaluate_retraining(
-        dg.build_sensor_context(instance=instance, cursor=json.dumps(cursor))
-    )
-    assert isinstance(later, dg.SensorResult) and len(later.run_requests or []) == 1
+    result = tick(instance)
+    (request,) = result.run_requests or []
+    extra = request.run_config["ops"]["cifar10_raw"]["config"]["extra_batches"]
+    assert [Path(path).parent.name for path in extra] == ["storm-1", "storm-3"]
+    assert request.tags[BATCHES_TAG] == "storm-1,storm-2,storm-3"
+    recorded = actions(result)
+    assert recorded["calm"] == "no drift: no retraining needed"
+    assert all(recorded[b].startswith("retraining requested") for b in ("storm-1", "storm-3"))
 
 
-def test_retraining_in_progress_is_skipped_with_the_reason(instance: dg.DagsterInstance) -> None:
-    job = defs.resolve_job_def("retraining_job")
-    run = instance.create_run_for_job(job_def=job, run_config={})
-    instance.handle_run_event(  # the run is now STARTED
-        run.run_id,
-        dg.DagsterEvent(event_type_value=dg.DagsterEventType.RUN_START.value, job_name=job.name),
+def test_running_cooldown_and_failure_wait_but_never_drop_a_report(
+    instance: dg.DagsterInstance,
+) -> None:
+    report_drift(instance, "first", drift=True, labelled=True)
+    covered = latest_report_id(instance)
+    running = retraining_run(instance, covered, dg.DagsterRunStatus.STARTED)
+    report_drift(instance, "during", drift=True, labelled=True)
+    busy = tick(instance)
+    assert not busy.run_requests
+    assert f"retraining run {running.run_id} is running" in actions(busy)["during"]
+
+    # It succeeds: the cooldown counts from its end; a report now waits for it.
+    instance.handle_run_event(
+        running.run_id,
+        dg.DagsterEvent(
+            event_type_value=dg.DagsterEventType.RUN_SUCCESS.value, job_name="retraining_job"
+        ),
     )
-    report_drift(instance, "busy", drift=True, labelled=True)
-    result = evaluate_retraining(dg.build_sensor_context(instance=instance))
-    assert isinstance(result, dg.SensorResult) and not result.run_requests
-    assert run.run_id in (result.skip_reason.skip_message or "")  # type: ignore[union-attr]
+    cooling = tick(instance, busy.cursor)
+    assert not cooling.run_requests and "cooldown of 6.0 h" in str(cooling.skip_reason)
+    # After the cooldown: one run for what the success did not cover ("during" only).
+    later = tick(instance, cooling.cursor, now=time.time() + 7 * 3600)
+    (request,) = later.run_requests or []
+    assert request.tags[BATCHES_TAG] == "during"
+
+    # That run fails: the report stays pending, the next attempt waits out the backoff.
+    retraining_run(instance, int(request.tags[COVERS_TAG]), dg.DagsterRunStatus.FAILURE)
+    policy = RetrainingPolicy(failure_backoff_minutes=10 * 60)
+    backoff = tick(instance, later.cursor, now=time.time() + 7 * 3600, policy=policy)
+    assert not backoff.run_requests and "last retraining attempt failed" in str(backoff.skip_reason)
+    retry = tick(instance, backoff.cursor, now=time.time() + 11 * 3600, policy=policy)
+    (second,) = retry.run_requests or []
+    assert second.run_key is not None and second.run_key.endswith("-attempt-2")
+    assert second.tags[BATCHES_TAG] == "during"
+
+
+def test_tick_fails_mlflow_runs_of_ended_dagster_runs(
+    instance: dg.DagsterInstance, project_env: dict[str, str]
+) -> None:
+    from mlflow import MlflowClient
+
+    from cifar_assets.ml.tracking import ensure_experiment
+    from cifar_assets.settings import get_settings
+
+    settings = get_settings()
+    dead = retraining_run(instance, None, dg.DagsterRunStatus.FAILURE)
+    alive = retraining_run(instance, None, dg.DagsterRunStatus.STARTED)
+    client = MlflowClient(settings.mlflow_tracking_uri)
+    experiment = ensure_experiment(settings.mlflow_tracking_uri, settings.mlflow_experiment_name)
+    orphan = client.create_run(experiment, tags={"dagster_run_id": dead.run_id})
+    running = client.create_run(experiment, tags={"dagster_run_id": alive.run_id})
+    stranger = client.create_run(experiment, tags={"dagster_run_id": "another-instance"})
+
+    tick(instance)
+
+    ended = client.get_run(orphan.info.run_id)
+    assert ended.info.status == "FAILED"
+    assert f"Dagster run {dead.run_id} ended FAILURE" in ended.data.tags["ended_reason"]
+    assert client.get_run(running.info.run_id).info.status == "RUNNING"
+    assert client.get_run(stranger.info.run_id).info.status == "RUNNING"
 
 
 def test_retraining_base_config_comes_from_the_env_and_the_sensor_wins(
@@ -134,7 +223,6 @@ def test_retraining_base_config_comes_from_the_env_and_the_sensor_wins(
 
     result = evaluate_retraining(dg.build_sensor_context(instance=instance))
 
-    assert isinstance(result, dg.SensorResult)
     ops = (result.run_requests or [])[0].run_config["ops"]
     assert ops["trained_model"]["config"] == {"epochs": 1, "batch_size": 32, "stem": "imagenet"}
     extra = ops["cifar10_raw"]["config"]["extra_batches"]
@@ -187,7 +275,7 @@ def test_broken_retraining_config_fails_the_tick_and_keeps_the_report(
     # fixed, the same drift report is still handled: the failed ticks did not move the cursor
     monkeypatch.setenv("CIFAR_RETRAINING_CONFIG", str(PROJECT_ROOT / "configs" / "retraining.yaml"))
     fixed = evaluate_retraining(dg.build_sensor_context(instance=instance))
-    assert isinstance(fixed, dg.SensorResult) and len(fixed.run_requests or []) == 1
+    assert len(fixed.run_requests or []) == 1
 
 
 def test_incoming_sensor_registers_each_new_batch_once(
@@ -201,9 +289,35 @@ def test_incoming_sensor_registers_each_new_batch_once(
     assert [r.partition_key for r in first.run_requests or []] == ["monday"]
     assert first.dynamic_partitions_requests[0].partition_keys == ["monday"]  # type: ignore[index,union-attr]
     instance.add_dynamic_partitions("incoming_batches", ["monday"])
-    assert isinstance(
-        incoming_batch_sensor(dg.build_sensor_context(instance=instance)), dg.SkipReason
-    )
+    quiet = incoming_batch_sensor(dg.build_sensor_context(instance=instance))
+    assert not quiet.run_requests and "No new batch" in str(quiet.skip_reason)
+
+
+def test_bad_entries_are_reported_once_and_never_block_a_good_batch(
+    instance: dg.DagsterInstance, project_env: dict[str, str], tmp_path: Path
+) -> None:
+    incoming = Path(project_env["CIFAR_VAR_DIR"]) / "incoming"
+    incoming.mkdir(parents=True)
+    outside = tmp_path / "secret.npz"
+    images = np.random.default_rng(0).integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
+    save_npz(outside, {"images": images})
+    (incoming / "escape.npz").symlink_to(outside)
+    (incoming / "garbage.npz").write_bytes(np.random.default_rng(1).bytes(4096))
+    save_npz(incoming / "dup.npz", {"images": images})
+    save_npz(incoming / "dup.NPZ", {"images": images})
+    save_npz(incoming / "tuesday.npz", {"images": images, "labels": np.arange(12) % 10})
+
+    context = dg.build_sensor_context(instance=instance)
+    first = incoming_batch_sensor(context)
+    assert [r.partition_key for r in first.run_requests or []] == ["tuesday"]
+    problems = json.loads(first.cursor or "[]")
+    assert any(p.startswith(f"{incoming / 'escape.npz'}:") for p in problems), problems
+    assert any(p.startswith(f"{incoming / 'garbage.npz'}:") for p in problems), problems
+    assert sum("dup" in p for p in problems) == 2, problems
+    # The next tick knows them already: nothing new to say, nothing registered twice.
+    instance.add_dynamic_partitions("incoming_batches", ["tuesday"])
+    again = incoming_batch_sensor(dg.build_sensor_context(instance=instance, cursor=first.cursor))
+    assert not again.run_requests and "4 entries refused" in str(again.skip_reason)
 
 
 def write_capture(capture_dir: Path, when: datetime, count: int) -> None:

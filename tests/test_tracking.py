@@ -15,7 +15,7 @@ from cifar_assets.ml.tracking import (
     PARENT_RUN_TAG,
     client_for,
     default_artifact_location,
-    end_orphaned_runs,
+    end_runs_of_ended_dagster_runs,
     log_artifact,
     log_epoch_metrics,
     log_params,
@@ -133,7 +133,7 @@ def test_body_that_ends_its_own_run_still_gets_the_true_status(store: str) -> No
     assert _run_status(store, run_id) == "FAILED"
 
 
-def test_end_orphaned_runs_fails_only_running_runs_with_the_tag(store: str) -> None:
+def test_runs_of_ended_dagster_runs_are_failed_with_the_reason(store: str) -> None:
     client: MlflowClient = client_for(store)
     with tracking_run(store, EXPERIMENT, "finished", {"dagster_run_id": "dead"}) as finished_id:
         pass
@@ -142,16 +142,19 @@ def test_end_orphaned_runs_fails_only_running_runs_with_the_tag(store: str) -> N
     orphan = client.create_run(experiment_id, tags={"dagster_run_id": "dead"})
     nested = client.create_run(experiment_id, tags={PARENT_RUN_TAG: orphan.info.run_id})
     other = client.create_run(experiment_id, tags={"dagster_run_id": "alive"})
+    statuses = {"dead": "FAILURE", "alive": None}
 
-    ended = end_orphaned_runs(store, EXPERIMENT, "dagster_run_id", "dead")
+    ended = end_runs_of_ended_dagster_runs(store, EXPERIMENT, statuses.get)
 
-    assert ended == [orphan.info.run_id, nested.info.run_id]
+    reason = "Dagster run dead ended FAILURE while this MLflow run was still RUNNING"
+    assert list(ended) == [orphan.info.run_id, nested.info.run_id]
+    assert all(text.startswith(reason) for text in ended.values())
+    assert client.get_run(orphan.info.run_id).data.tags["ended_reason"].startswith(reason)
     assert _run_status(store, orphan.info.run_id) == "FAILED"
     assert _run_status(store, nested.info.run_id) == "FAILED"
     assert _run_status(store, finished_id) == "FINISHED"
     assert _run_status(store, other.info.run_id) == "RUNNING"
-    assert end_orphaned_runs(store, EXPERIMENT, "dagster_run_id", "alive") == [other.info.run_id]
-    assert end_orphaned_runs(store, "no-such-experiment", "dagster_run_id", "dead") == []
+    assert end_runs_of_ended_dagster_runs(store, "no-such-experiment", statuses.get) == {}
 
 
 def test_user_errors_say_what_and_where(store: str, tmp_path: Path) -> None:

@@ -38,7 +38,8 @@ class DriftBaselineConfig(dg.Config):
     owners=["team:ml-platform"],
     code_version="1",
     description="Drift detectors (MMD on embeddings, KS on softmax, uncertainty, per-feature KS) "
-    "fitted on the validation split, versioned with the registered model they belong to.",
+    "fitted on the validation split for each registered version, stored by version: drift "
+    "reports use the champion's.",
 )
 def drift_baseline(
     context: dg.AssetExecutionContext,
@@ -49,9 +50,10 @@ def drift_baseline(
     image_features: FeatureTable,
 ) -> dg.Output[DriftBaselineRef]:
     from cifar_assets.data.features import FeatureStore
-    from cifar_assets.drift.baseline import fit_baseline
+    from cifar_assets.drift.baseline import MODEL_FILE, baseline_dir, fit_baseline
     from cifar_assets.ml.embeddings import embed, predict_proba
     from cifar_assets.ml.model import load_model
+    from cifar_assets.serving.repository import write_json_atomic
 
     reference = cifar10_splits.validation.subset(slice(0, config.reference_images))  # type: ignore[arg-type]
     model = load_model(Path(trained_model.model_dir))
@@ -67,8 +69,12 @@ def drift_baseline(
         p_val=config.p_val,
         n_permutations=config.n_permutations,
     )
-    directory = get_settings().storage_dir / "drift_baseline" / f"v{registered_model.version}"
+    directory = baseline_dir(get_settings().storage_dir, registered_model.version)
     baseline.save(directory)
+    write_json_atomic(
+        directory / MODEL_FILE,
+        {"model_version": registered_model.version, "model_dir": trained_model.model_dir},
+    )
     return dg.Output(
         DriftBaselineRef(str(directory), str(registered_model.version), trained_model.model_dir),
         metadata={
@@ -108,34 +114,55 @@ def incoming_batch(context: dg.AssetExecutionContext) -> dg.Output[ImageSet]:
     partitions_def=incoming_batches,
     kinds={"alibi-detect"},
     owners=["team:ml-platform"],
-    code_version="1",
-    description="Drift verdict for one batch: every detector's p-value, distance and threshold, "
-    "the moved features, and accuracy against the baseline when the batch has labels.",
+    code_version="2",
+    deps=[drift_baseline],
+    description="Drift verdict for one batch against the detectors of MLflow's champion (the "
+    "drift_baseline fitted for that version): every detector's p-value, distance and "
+    "threshold, the moved features, and accuracy against the baseline when the batch has labels.",
 )
 def drift_report(
     context: dg.AssetExecutionContext,
     mlflow: MLflowResource,
     incoming_batch: ImageSet,
-    drift_baseline: DriftBaselineRef,
 ) -> dg.Output[DriftVerdict]:
     import json
 
     import pandas as pd
 
     from cifar_assets.data.features import compute_features
-    from cifar_assets.drift.baseline import DriftBaseline
+    from cifar_assets.drift.baseline import (
+        MODEL_FILE,
+        BaselineVersionError,
+        DriftBaseline,
+        baseline_dir,
+    )
     from cifar_assets.drift.report import (
         check_batch,
         drift_overview_png,
         feature_distribution_png,
     )
-    from cifar_assets.ml import tracking
+    from cifar_assets.ml import registry, tracking
     from cifar_assets.ml.embeddings import embed, predict_proba
     from cifar_assets.ml.model import load_model
 
     log = context.log.info
-    baseline = DriftBaseline.load(Path(drift_baseline.path))
-    model = load_model(Path(drift_baseline.model_dir))
+    champion = registry.aliases(mlflow.uri(), mlflow.registered_model_name()).get(registry.CHAMPION)
+    if champion is None:
+        raise dg.Failure(
+            f"{mlflow.registered_model_name()} has no champion in {mlflow.uri()}, so there are "
+            "no detectors to check this batch with: run main_job first."
+        )
+    directory = baseline_dir(get_settings().storage_dir, champion)
+    try:
+        baseline = DriftBaseline.load(directory, expected_model_version=str(champion))
+        model_dir = json.loads((directory / MODEL_FILE).read_text())["model_dir"]
+    except (FileNotFoundError, BaselineVersionError) as error:
+        raise dg.Failure(
+            f"No usable drift baseline for champion v{champion} under {directory} ({error}). "
+            "Materialize drift_baseline for that version (main_job or retraining_job does)."
+        ) from error
+    log(f"Checking against champion v{champion}'s detectors ({directory})")
+    model = load_model(Path(model_dir))
     features = compute_features(incoming_batch, log=log)
     labels = incoming_batch.labels if (incoming_batch.labels >= 0).any() else None
     probabilities = predict_proba(model, incoming_batch.images, log=log)
@@ -170,6 +197,7 @@ def drift_report(
         "detectors": table(detectors),
         "batch_accuracy": report.batch_accuracy if report.batch_accuracy is not None else -1.0,
         "labelled": labels is not None,
+        "model_version": int(report.model_version),
         "drift_overview": image(overview, "drift overview"),
     }
     if report.moved_features:

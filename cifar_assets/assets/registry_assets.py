@@ -28,8 +28,10 @@ class RegistrationConfig(dg.Config):
     kinds={"mlflow"},
     owners=["team:ml-platform"],
     code_version="1",
-    description="The trained model as a new MLflow registry version (alias challenger); it becomes "
-    "champion when there is none or when it beats the champion by the configured margin.",
+    description="The trained model as a new MLflow registry version, with the gate's decision: "
+    "champion when there is none or when it beats the champion by the configured margin, "
+    "challenger otherwise. The alias itself moves when triton_deployment has checked the "
+    "version in Triton, so MLflow never names a version that cannot serve.",
 )
 def registered_model(
     context: dg.AssetExecutionContext,
@@ -53,6 +55,7 @@ def registered_model(
         f"Dagster run {context.run_id}",
         tags={"dagster_run_id": context.run_id},
         name=name,
+        alias=None,
     )
     if config.promote_automatically:
         # The champion was re-evaluated on this run's test split: the gate compares like with like.
@@ -63,6 +66,7 @@ def registered_model(
             margin=config.promotion_margin,
             name=name,
             champion_metrics=model_evaluation.champion_metrics,
+            apply=False,
         )
     else:
         decision = registry.hold_as_challenger(
@@ -84,7 +88,7 @@ def registered_model(
         metadata={
             "model_name": name,
             "version": int(version.version),
-            "alias": "champion" if decision.promote else "challenger",
+            "role": "champion" if decision.promote else "challenger",
             "decision": decision.reason,
             "mlflow_run": dg.MetadataValue.url(
                 tracking.run_url(mlflow.uri(), trained_model.mlflow_run_id)

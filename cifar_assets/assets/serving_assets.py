@@ -1,26 +1,28 @@
 """Serving stage: ``triton_deployment``, the registered model's ONNX file as version N of
-``cifar10_resnet18`` in Triton (N = the MLflow model version), checked before it gets traffic."""
+``cifar10_resnet18`` in Triton (N = the MLflow model version), checked before it gets traffic,
+and the check that serving follows the registry. Every move of aliases and traffic goes through
+:mod:`cifar_assets.serving.rollout`."""
 
 from pathlib import Path
-from typing import Literal
 
 import dagster as dg
 from pydantic import Field
 
-from cifar_assets.artifacts import OnnxModel, TritonDeployment
+from cifar_assets.artifacts import OnnxModel, RegisteredModel, TritonDeployment
 from cifar_assets.data.imageset import Splits
-from cifar_assets.resources import TritonResource
+from cifar_assets.resources import MLflowResource, TritonResource, rollout_for
 
 SERVING_GROUP = "serving"
 
 
 class DeploymentConfig(dg.Config):
-    role: Literal["champion", "challenger"] = Field(
-        default="champion",
-        description="champion: the new version takes all traffic once it passes the check; "
-        "challenger: it serves beside the champion with challenger_share of the router's traffic.",
+    challenger_share: float = Field(
+        default=0.1,
+        gt=0,
+        lt=0.5,
+        description="Router traffic for a challenger (the gate kept the champion); the "
+        "champion keeps the rest.",
     )
-    challenger_share: float = Field(default=0.1, description="Router traffic for a challenger.")
     use_int8: bool = Field(
         default=False,
         description="Serve the INT8 model when onnx_model kept one; when its gate rejected INT8 "
@@ -46,103 +48,114 @@ class DeploymentConfig(dg.Config):
     group_name=SERVING_GROUP,
     kinds={"triton", "onnx"},
     owners=["team:ml-platform"],
-    code_version="2",
-    description="Version N of cifar10_resnet18 loaded in Triton, checked against ONNX Runtime, "
-    "then given its share of the cifar10_ab router's traffic. A failed load or check leaves the "
-    "serving versions and weights as they were.",
+    code_version="3",
+    description="Version N of cifar10_resnet18 loaded in Triton and checked against ONNX Runtime; "
+    "only then does MLflow give it the alias the registry's gate decided (champion or "
+    "challenger) and the router the matching traffic. A failed load or check leaves the "
+    "aliases, serving versions and weights as they were.",
 )
 def triton_deployment(
     context: dg.AssetExecutionContext,
     config: DeploymentConfig,
+    mlflow: MLflowResource,
     triton: TritonResource,
+    registered_model: RegisteredModel,
     onnx_model: OnnxModel,
     cifar10_splits: Splits,
 ) -> dg.Output[TritonDeployment]:
-    import numpy as np
-
-    from cifar_assets.ml.onnx_export import ort_session, run_onnx
     from cifar_assets.serving import repository
-    from cifar_assets.serving.client import infer
+    from cifar_assets.serving.verify import compare_with_onnxruntime
 
     server = triton.ensure_running(context.log)
-    repo, state_dir = server.config.repo, server.config.state_dir
-    version = onnx_model.registered_version
+    rollout = rollout_for(mlflow, server.config)
+    version = registered_model.version
+    onnx_path, precision = _served_file(context, config, onnx_model)
+    repository.write_version(
+        server.config.repo, onnx_path, version, {"onnx": str(onnx_path), "precision": precision}
+    )
+    images = cifar10_splits.test.images[: config.check_images]
+    role = "champion" if registered_model.is_champion else "challenger"
+    transition = rollout.deploy(
+        version,
+        role,
+        lambda: compare_with_onnxruntime(
+            server.config.http_url,
+            version,
+            onnx_path,
+            images,
+            config.max_abs_diff,
+            config.max_rel_diff,
+        ),
+        reason=registered_model.decision_reason,
+        actor=f"dagster run {context.run_id}",
+        challenger_share=config.challenger_share,
+    )
+    after = transition.after
+    context.log.info(f"v{version} serves as {role}: weights {after['weights']}")
+    return dg.Output(
+        TritonDeployment(
+            model_name=repository.MODEL_NAME,
+            version=version,
+            live_versions=after["live_versions"],
+            http_url=f"http://{server.config.http_url}",
+            grpc_url=server.config.grpc_url,
+        ),
+        metadata={
+            "version": version,
+            "role": role,
+            "champion": after["champion"] or 0,
+            "challenger": after["challenger"] or 0,
+            "live_versions": dg.MetadataValue.json(after["live_versions"]),
+            "router_weights": dg.MetadataValue.json(after["weights"]),
+            **transition.evidence,
+            "served_precision": precision,
+            "served_file": dg.MetadataValue.path(str(onnx_path)),
+            "rollout_journal": dg.MetadataValue.path(str(rollout.journal_path)),
+            "http_url": dg.MetadataValue.url(
+                f"http://{server.config.http_url}/v2/models/{repository.MODEL_NAME}"
+                f"/versions/{version}"
+            ),
+            "grpc_url": server.config.grpc_url,
+        },
+    )
+
+
+def _served_file(
+    context: dg.AssetExecutionContext, config: DeploymentConfig, onnx_model: OnnxModel
+) -> tuple[Path, str]:
+    """The ONNX file to serve and its precision; INT8 only when asked for and kept."""
     int8_path = onnx_model.int8_path if config.use_int8 else None
-    precision = "int8" if int8_path else "fp32"
-    if config.use_int8 and precision == "fp32":
+    if config.use_int8 and not int8_path:
         why = onnx_model.report.get("int8_rejected_because") or (
             "onnx_model made none: its quantize option was off"
         )
         context.log.warning(
-            f"use_int8 is set, but version {version} has no INT8 model ({why}); serving FP32. "
-            "See the onnx_model asset's int8_* metadata."
+            f"use_int8 is set, but version {onnx_model.registered_version} has no INT8 model "
+            f"({why}); serving FP32. See the onnx_model asset's int8_* metadata."
         )
-    onnx_path = Path(int8_path or onnx_model.fp32_path)
-    repository.write_version(
-        repo,
-        onnx_path,
-        version,
-        {"onnx": str(onnx_path), "role": config.role, "precision": precision},
-    )
-    previous_live = repository.read_live_versions(state_dir)
-    previous_weights = repository.read_ab_weights(state_dir)
-    url = server.config.http_url
-    try:
-        repository.set_live_versions(
-            url, sorted({*previous_live, version}), repo=repo, state_dir=state_dir
-        )
-        images = cifar10_splits.test.images[: config.check_images]
-        served = infer(images, url=url, protocol="http", version=version)
-        expected = run_onnx(ort_session(onnx_path), images)
-        difference = float(np.abs(served - expected).max())
-        # Same file, same runtime: only float rounding may differ, and it scales with the logits.
-        allowed = max(config.max_abs_diff, config.max_rel_diff * float(np.abs(expected).max()))
-        if difference > allowed:
-            raise dg.Failure(
-                f"Triton version {version} differs from ONNX Runtime on {len(images)} test images "
-                f"by up to {difference:.2e} (allowed {allowed:.2e} = max(max_abs_diff, "
-                "max_rel_diff * max |logit|)); it gets no traffic. The server log "
-                "(var/triton/tritonserver.log) shows what the version loaded."
-            )
-    except Exception:
-        # Back to exactly what served before: the new version never received router traffic.
-        if previous_live:
-            repository.set_live_versions(url, previous_live, repo=repo, state_dir=state_dir)
-        raise
-    context.log.info(f"Version {version} matches ONNX Runtime (max |diff| {difference:.2e})")
+    return Path(int8_path or onnx_model.fp32_path), "int8" if int8_path else "fp32"
 
-    champion = (
-        max(previous_weights, key=lambda v: previous_weights[v]) if previous_weights else None
-    )
-    if config.role == "challenger" and champion is not None and champion != version:
-        weights = {champion: 1.0 - config.challenger_share, version: config.challenger_share}
-        live = sorted({champion, version})
-    else:
-        weights, live = {version: 1.0}, [version]
-    repository.set_ab_weights(weights, state_dir=state_dir)
-    # Versions that lost their traffic leave only after the weights moved away from them.
-    repository.set_live_versions(url, live, repo=repo, state_dir=state_dir)
-    deployment = TritonDeployment(
-        model_name=repository.MODEL_NAME,
-        version=version,
-        live_versions=live,
-        http_url=f"http://{url}",
-        grpc_url=server.config.grpc_url,
-    )
-    return dg.Output(
-        deployment,
+
+@dg.asset_check(
+    asset=triton_deployment,
+    blocking=True,
+    description="MLflow decides, serving follows: the version with the most router traffic is "
+    "MLflow's champion, every version with weight is live and answers in the running Triton, "
+    "and no version without an alias gets traffic.",
+)
+def serving_follows_registry(mlflow: MLflowResource, triton: TritonResource) -> dg.AssetCheckResult:
+    server = triton.server_config()
+    rollout = rollout_for(mlflow, server)
+    problems = rollout.check(server_ready=rollout.server_ready)
+    state = rollout.state()
+    return dg.AssetCheckResult(
+        passed=not problems,
+        description="; ".join(problems) or "MLflow, the router and Triton agree.",
         metadata={
-            "version": version,
-            "role": config.role,
-            "live_versions": dg.MetadataValue.json(live),
-            "router_weights": dg.MetadataValue.json({str(v): w for v, w in weights.items()}),
-            "max_abs_diff_vs_onnxruntime": difference,
-            "allowed_abs_diff": allowed,
-            "served_precision": precision,
-            "served_file": dg.MetadataValue.path(str(onnx_path)),
-            "http_url": dg.MetadataValue.url(
-                f"http://{url}/v2/models/{repository.MODEL_NAME}/versions/{version}"
-            ),
-            "grpc_url": server.config.grpc_url,
+            "champion": state.champion or 0,
+            "challenger": state.challenger or 0,
+            "live_versions": dg.MetadataValue.json(state.live_versions),
+            "router_weights": dg.MetadataValue.json(state.to_dict()["weights"]),
+            "problems": dg.MetadataValue.json(problems),
         },
     )

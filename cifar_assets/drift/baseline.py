@@ -37,6 +37,14 @@ BASELINE_FILE = "baseline.json"
 DATA_DETECTORS = 3  # MMD on embeddings, KS on softmax outputs, KS on features
 
 
+MODEL_FILE = "model.json"  # beside the detectors: the registered version and its model folder
+
+
+def baseline_dir(storage_dir: Path, model_version: int) -> Path:
+    """Where the detectors of one registered model version are kept."""
+    return storage_dir / "drift_baseline" / f"v{model_version}"
+
+
 class BaselineVersionError(ValueError):
     """A saved baseline belongs to another model version or another format version."""
 

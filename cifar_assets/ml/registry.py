@@ -221,6 +221,14 @@ def get_version_by_alias(
     return get_version(tracking_uri, _version_for_alias(client, tracking_uri, name, alias), name)
 
 
+def aliases(tracking_uri: str, name: str = DEFAULT_MODEL_NAME) -> dict[str, int]:
+    """alias -> version of the model; empty while the model is not registered yet."""
+    try:
+        return _aliases_of_model(client_for(tracking_uri), tracking_uri, name)
+    except RegistryLookupError:
+        return {}
+
+
 def get_champion(tracking_uri: str, name: str = DEFAULT_MODEL_NAME) -> ModelVersionInfo | None:
     """The champion version, or None while the (existing) model has none."""
     aliases = _aliases_of_model(client_for(tracking_uri), tracking_uri, name)
@@ -446,9 +454,11 @@ def register(
     tags: Mapping[str, str] | None = None,
     name: str = DEFAULT_MODEL_NAME,
     actor: str | None = None,
+    alias: str | None = CHALLENGER,
 ) -> ModelVersionInfo:
     """Log the model in ``model_dir`` to run ``run_id``, register it as a new version of
-    ``name`` and point ``challenger`` at it.
+    ``name`` and point ``alias`` at it (``challenger``; None leaves every alias where it is,
+    as the pipeline does: its versions get their alias when Triton can serve them).
 
     ``metrics`` become version tags ``metric.<key>`` (and a table in the description), the
     gate compares them; ``data_version`` identifies the training data.
@@ -506,7 +516,8 @@ def register(
             model_id=model_id,
         )
     version = int(created.version)
-    _move_alias(tracking_uri, name, CHALLENGER, version, f"registered from run {run_id}", actor)
+    if alias is not None:
+        _move_alias(tracking_uri, name, alias, version, f"registered from run {run_id}", actor)
     return get_version(tracking_uri, version, name)
 
 
@@ -580,6 +591,22 @@ def _move_alias(
     return _record_move(tracking_uri, name, alias, current, version, reason, actor)
 
 
+def set_alias(
+    tracking_uri: str,
+    name: str,
+    alias: str,
+    version: int | None,
+    reason: str,
+    actor: str | None = None,
+) -> AliasMove | None:
+    """Point ``alias`` at ``version`` (None removes it), recorded in the alias history; None if
+    it already pointed there. The serving rollout (cifar_assets.serving.rollout) moves aliases
+    through this, so that Triton follows every move."""
+    if version is not None:
+        _version(client_for(tracking_uri), tracking_uri, name, version)
+    return _move_alias(tracking_uri, name, alias, version, reason, actor)
+
+
 def promote(
     tracking_uri: str,
     version: int,
@@ -612,13 +639,15 @@ def gate(
     name: str = DEFAULT_MODEL_NAME,
     actor: str | None = None,
     champion_metrics: Mapping[str, float] | None = None,
+    apply: bool = True,
 ) -> PromotionDecision:
     """Compare ``version`` with the champion, promote it if ``decide_promotion`` says so, and
     write the decision and its reason to the version's tags either way.
 
     ``champion_metrics``, when given, are the champion's figures re-measured on the candidate's
     test split; they replace the ones stored at the champion's own registration, so the gate
-    compares like with like when the data has changed."""
+    compares like with like when the data has changed. With ``apply=False`` the decision is
+    only recorded: the caller moves the alias later (the pipeline does once Triton serves it)."""
     client = client_for(tracking_uri)
     candidate = get_version(tracking_uri, version, name)
     champion = get_champion(tracking_uri, name)
@@ -633,7 +662,7 @@ def gate(
         name, str(version), GATE_DECISION_TAG, "promoted" if decision.promote else "not promoted"
     )
     client.set_model_version_tag(name, str(version), GATE_REASON_TAG, decision.reason)
-    if decision.promote:
+    if decision.promote and apply:
         promote(tracking_uri, version, f"gate: {decision.reason}", name, actor)
     return decision
 
@@ -662,6 +691,12 @@ def _previous_champions(moves: list[AliasMove]) -> list[int]:
         elif move.from_version is not None:
             stack.append(move.from_version)
     return stack
+
+
+def previous_champion(tracking_uri: str, name: str = DEFAULT_MODEL_NAME) -> int | None:
+    """The version a rollback would make champion again, or None when there is none."""
+    previous = _previous_champions(alias_history(tracking_uri, name, alias=CHAMPION))
+    return previous[-1] if previous else None
 
 
 def rollback(

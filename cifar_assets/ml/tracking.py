@@ -18,7 +18,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -218,23 +218,37 @@ def tracking_run(
             client.set_terminated(run_id, status)
 
 
-def end_orphaned_runs(
-    tracking_uri: str, experiment_name: str, tag_key: str, tag_value: str
-) -> list[str]:
-    """Mark FAILED every RUNNING run of the experiment tagged ``tag_key=tag_value`` (and the
-    runs nested under it); returns their ids. A safety net for processes killed mid-run."""
+def end_runs_of_ended_dagster_runs(
+    tracking_uri: str,
+    experiment_name: str,
+    dagster_run_status: Callable[[str], str | None],
+    tag_key: str = "dagster_run_id",
+) -> dict[str, str]:
+    """Mark FAILED every RUNNING run of the experiment (and the runs nested under it) whose
+    Dagster run, named by its ``tag_key`` tag, has ended: a step killed with SIGKILL cannot end
+    its own MLflow run. ``dagster_run_status(run_id)`` gives the Dagster run's final status, or
+    None while it runs or when the instance does not know it (such runs are left alone).
+    Returns MLflow run id -> the reason, which is also kept in the run's ``ended_reason`` tag."""
     client = client_for(tracking_uri)
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
-        return []
+        return {}
     running = search_all_runs(client, [experiment.experiment_id], "attributes.status = 'RUNNING'")
-    ended: list[str] = []
-    # Tags are compared here, not in the filter string, so any tag value works unescaped.
+    ended: dict[str, str] = {}
     for run in running:
-        if run.data.tags.get(tag_key) == tag_value:
-            client.set_terminated(run.info.run_id, "FAILED")
-            ended.append(run.info.run_id)
-            ended.extend(_end_running_descendants(client, run, "FAILED"))
+        dagster_run = run.data.tags.get(tag_key)
+        status = dagster_run_status(dagster_run) if dagster_run else None
+        if status is None:
+            continue
+        reason = (
+            f"Dagster run {dagster_run} ended {status} while this MLflow run was still RUNNING "
+            "(its step process was killed)"
+        )
+        client.set_tag(run.info.run_id, "ended_reason", reason)
+        client.set_terminated(run.info.run_id, "FAILED")
+        ended[run.info.run_id] = reason
+        for child in _end_running_descendants(client, run, "FAILED"):
+            ended[child] = reason
     return ended
 
 
