@@ -7,7 +7,7 @@ configuration; each value can be overridden by the environment variable named be
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -30,6 +30,9 @@ class Settings:
     triton_http_port: int  # TRITON_HTTP_PORT
     triton_grpc_port: int  # TRITON_GRPC_PORT
     triton_metrics_port: int  # TRITON_METRICS_PORT
+    # CIFAR_TRITON_CONTROL_KEY: the key for Triton's model-control APIs; unset, the server's
+    # state folder keeps one in control.key (mode 0600). Never shown in a repr.
+    triton_control_key: str | None = field(repr=False)
     prometheus_port: int  # PROMETHEUS_PORT
     log_level: str  # LOG_LEVEL
 
@@ -86,6 +89,7 @@ def get_settings() -> Settings:
         triton_http_port=_int("TRITON_HTTP_PORT", 8000),
         triton_grpc_port=_int("TRITON_GRPC_PORT", 8001),
         triton_metrics_port=_int("TRITON_METRICS_PORT", 8002),
+        triton_control_key=os.environ.get("CIFAR_TRITON_CONTROL_KEY") or None,
         prometheus_port=_int("PROMETHEUS_PORT", 8003),
         log_level=os.environ.get("LOG_LEVEL", "INFO").upper(),
     )

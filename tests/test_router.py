@@ -321,6 +321,7 @@ def _serve_versions_directly(env: ServingEnv, versions: list[int]) -> None:
     httpclient.InferenceServerClient(env.http_url).load_model(
         repository.MODEL_NAME,
         config=json_format.MessageToJson(config, preserving_proto_field_name=True),
+        headers=repository.control_headers(env.state_dir),
     )
 
 

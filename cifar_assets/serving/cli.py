@@ -23,11 +23,12 @@ from types import FrameType
 
 from cifar_assets.serving import repository
 from cifar_assets.serving.launcher import (
+    Orphans,
     TritonConfig,
     TritonLaunchError,
     TritonServer,
     server_status,
-    stop_server,
+    stop_and_clean,
 )
 from cifar_assets.settings import get_settings
 
@@ -87,9 +88,18 @@ def _parse_shares(shares: list[str]) -> dict[int, float]:
     return weights
 
 
+def _print_orphans(orphans: Orphans, config: TritonConfig) -> None:
+    if orphans.stubs or orphans.regions:
+        print(
+            f"removed {len(orphans.stubs)} orphaned python-backend stub(s) {orphans.stubs} and "
+            f"{len(orphans.regions)} /dev/shm region(s) left by a killed server on {config.repo}"
+        )
+
+
 def _start(config: TritonConfig, foreground: bool) -> int:
     server = TritonServer(config).start()
     status = server_status(config)
+    _print_orphans(server.orphans_removed, config)
     print(f"tritonserver pid {server.pid} ready")
     print(f"  HTTP     {config.http_url}\n  gRPC     {config.grpc_url}")
     print(f"  metrics  {config.metrics_url}\n  log      {config.log_path}")
@@ -152,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "start":
             return _start(config, args.foreground)
         if args.command == "stop":
-            print("stopped" if stop_server(config) else "no tritonserver was running")
+            running, orphans = stop_and_clean(config)
+            _print_orphans(orphans, config)
+            print("stopped" if running else "no tritonserver was running")
             return 0
         print(json.dumps(asdict(server_status(config)), indent=2))
         return 0

@@ -5,17 +5,26 @@ the stub built for the running Python (the wheel carries one per minor version),
 ``nvidia_pytriton.libs`` on ``LD_LIBRARY_PATH`` and the venv's ``bin/`` first on ``PATH`` (so
 model.py imports the venv's numpy and onnxruntime), and binds HTTP, gRPC and metrics to one host.
 
-The server runs in ``--model-control-mode=explicit``; once it answers, the launcher loads the
+The server runs in ``--model-control-mode=explicit`` with its control APIs behind the key of
+``repository.control_key`` (created on the first start); once it answers, the launcher loads the
 persisted live versions and the A/B router (``repository.restore_models``), so a restart serves
 what was served before. Its output goes to ``<state_dir>/tritonserver.log`` and its pid, ports and
 repository to ``<state_dir>/tritonserver.pid`` (JSON), so ``stop`` and ``status`` work from any
-process. Only the standard library is imported here: Dagster code may import this module freely.
+process.
+
+A tritonserver killed with SIGKILL leaves its python-backend stubs running (orphaned, often
+deadlocked) and their ``/dev/shm`` regions behind. Each server's regions are named
+``cifar-<hash of the repository path>-<random>-...``, and each stub carries its region's name and
+its model.py path on its command line, so ``start`` and ``stop`` can find and remove the orphans of
+their own repository (``remove_orphans``) and touch nothing else. Only the standard library is
+imported here: Dagster code may import this module freely.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import signal
@@ -40,6 +49,9 @@ LOG_FILE = "tritonserver.log"
 PID_FILE = "tritonserver.pid"
 BACKENDS_DIR = "backends"
 LOG_TAIL_LINES = 40
+STUB_NAME = "triton_python_backend_stub"
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIX_OPTION = "--backend-config=python,shm-region-prefix-name="
 
 
 class TritonLaunchError(RuntimeError):
@@ -285,11 +297,13 @@ def server_status(config: TritonConfig) -> ServerStatus:
     )
 
 
-def _post_json(host: str, port: int, path: str, body: Any, timeout_s: float) -> Any:
+def _post_json(
+    host: str, port: int, path: str, body: Any, timeout_s: float, headers: dict[str, str]
+) -> Any:
     request = urllib.request.Request(
         f"http://{host}:{port}{path}",
         data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", **headers},
         method="POST",
     )
     with urllib.request.urlopen(request, timeout=timeout_s) as answer:
@@ -297,21 +311,26 @@ def _post_json(host: str, port: int, path: str, body: Any, timeout_s: float) -> 
     return json.loads(payload) if payload else None
 
 
-def unload_all(host: str, port: int, timeout_s: float) -> bool:
+def unload_all(host: str, port: int, timeout_s: float, headers: dict[str, str]) -> bool:
     """Unload every model through the repository API and wait until none is left.
 
     Python-backend models run ``finalize`` only when they are unloaded gracefully; on SIGTERM
     tritonserver first waits for open HTTP keep-alive connections until its exit timeout, and a
-    timed-out exit kills the stubs, so the router's last capture records would be lost.
+    timed-out exit kills the stubs, so the router's last sampled pixels would be lost (its
+    records are already written: see ab_router_model.py). ``headers`` carry the control key.
     Returns False if the server did not answer or models were still loaded at the deadline.
     """
     deadline = time.monotonic() + timeout_s
+
+    def post(path: str) -> Any:
+        return _post_json(host, port, path, {}, timeout_s, headers)
+
     try:
-        index = _post_json(host, port, "/v2/repository/index", {}, timeout_s)
+        index = post("/v2/repository/index")
         for model in {entry["name"] for entry in index if entry.get("state") == "READY"}:
-            _post_json(host, port, f"/v2/repository/models/{model}/unload", {}, timeout_s)
+            post(f"/v2/repository/models/{model}/unload")
         while time.monotonic() < deadline:
-            index = _post_json(host, port, "/v2/repository/index", {}, timeout_s)
+            index = post("/v2/repository/index")
             if not any(entry.get("state") in ("READY", "UNLOADING") for entry in index):
                 return True
             time.sleep(0.05)
@@ -347,16 +366,116 @@ def _terminate(pid: int, process: subprocess.Popen[bytes] | None, grace_s: float
 def stop_server(config: TritonConfig) -> bool:
     """Stop the server recorded in ``config.state_dir``'s pid file, from any process.
     Returns False if none was running (a stale pid file is removed)."""
+    return stop_and_clean(config)[0]
+
+
+def stop_and_clean(config: TritonConfig) -> tuple[bool, Orphans]:
+    """``stop_server``, then ``remove_orphans`` for the repository the server ran on (also when
+    no server was running: a SIGKILLed server leaves its stubs behind). Returns whether a server
+    was running, and the orphans removed."""
     record = read_pid_file(config.state_dir)
-    if record is None:
-        return False
-    pid = int(record["pid"])
-    running = _is_tritonserver(pid)
-    if running:
-        unload_all(record["host"], int(record["http_port"]), config.stop_timeout_s)
-        _terminate(pid, None, config.stop_timeout_s)
-    config.pid_path.unlink(missing_ok=True)
-    return running
+    running = False
+    if record is not None:
+        pid = int(record["pid"])
+        running = _is_tritonserver(pid)
+        if running:
+            _unload_before_stop(config, record["host"], int(record["http_port"]))
+            _terminate(pid, None, config.stop_timeout_s)
+        config.pid_path.unlink(missing_ok=True)
+    repo = Path(record["repo"]) if record and record.get("repo") else config.repo
+    return running, remove_orphans(repo)
+
+
+def _unload_before_stop(config: TritonConfig, host: str, port: int) -> None:
+    try:
+        headers = repository.control_headers(config.state_dir)
+    except repository.RepositoryError as exc:
+        # SIGTERM still stops the server; only a graceful finalize of the models is skipped.
+        print(f"cifar-triton: models not unloaded before the stop: {exc}", file=sys.stderr)
+        return
+    unload_all(host, port, config.stop_timeout_s, headers)
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def _processes() -> list[tuple[int, list[str]]]:
+    """(pid, command line) of every live, non-zombie process this user can see."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            pid = int(entry.name)
+            state = _process_state(pid)
+            command = _cmdline(pid) if state not in (None, "Z", "X") else []
+            if command:
+                found.append((pid, command))
+    return found
+
+
+def shm_family(repo: Path) -> str:
+    """The start of every shm region name of servers on ``repo``: ``cifar-<hash>-``."""
+    digest = hashlib.sha256(str(repo.resolve()).encode()).hexdigest()[:10]
+    return f"cifar-{digest}-"
+
+
+@dataclass(frozen=True)
+class Orphans:
+    """What ``remove_orphans`` found and removed."""
+
+    stubs: list[int]  # pids of python-backend stubs whose tritonserver is gone
+    regions: list[str]  # /dev/shm names no live server of the repository owns
+
+
+def remove_orphans(repo: Path, grace_s: float = 5.0) -> Orphans:
+    """Kill the python-backend stubs of ``repo`` whose tritonserver is gone and delete the
+    ``/dev/shm`` regions of ``repo`` that no live server owns.
+
+    A stub is ours when its command line runs ``triton_python_backend_stub`` on a model.py inside
+    ``repo`` with a region named ``shm_family(repo)...``; it is an orphan when no live
+    tritonserver has that region's prefix on its command line. Servers of other repositories,
+    and their stubs and regions, are never touched (their names differ)."""
+    repo = repo.resolve()
+    family = shm_family(repo)
+    processes = _processes()
+    live_prefixes = [
+        argument.removeprefix(SHM_PREFIX_OPTION)
+        for _, command in processes
+        if Path(command[0]).name == "tritonserver"
+        for argument in command
+        if argument.startswith(SHM_PREFIX_OPTION + family)
+    ]
+
+    def owned(region: str) -> bool:
+        return any(region.startswith(prefix) for prefix in live_prefixes)
+
+    stubs = []
+    for pid, command in processes:
+        if Path(command[0]).name != STUB_NAME or len(command) < 3:
+            continue
+        model_file, region = Path(command[1]), command[2]
+        if region.startswith(family) and model_file.is_relative_to(repo) and not owned(region):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                # Deadlocked orphans ignore SIGTERM; they hold no data that is not on disk.
+                os.kill(pid, signal.SIGKILL)
+                stubs.append(pid)
+    deadline = time.monotonic() + grace_s
+    while any(_process_state(p) not in (None, "Z", "X") for p in stubs):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    regions = []
+    if SHM_DIR.is_dir():
+        for path in sorted(SHM_DIR.iterdir()):
+            if path.name.startswith(family) and not owned(path.name):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    regions.append(path.name)
+    return Orphans(stubs=stubs, regions=regions)
 
 
 class TritonServer:
@@ -366,6 +485,8 @@ class TritonServer:
     def __init__(self, config: TritonConfig) -> None:
         self.config = config
         self.process: subprocess.Popen[bytes] | None = None
+        # Left behind by an earlier server of the repository, removed by the last start/stop.
+        self.orphans_removed = Orphans(stubs=[], regions=[])
 
     @property
     def pid(self) -> int | None:
@@ -401,7 +522,7 @@ class TritonServer:
             link.symlink_to(target)
         return python_dir.parent
 
-    def _command(self, distribution: TritonDistribution) -> list[str]:
+    def _command(self, distribution: TritonDistribution, control_key: str) -> list[str]:
         config = self.config
         return [
             str(distribution.binary),
@@ -415,8 +536,10 @@ class TritonServer:
             f"--metrics-port={config.metrics_port}",
             "--allow-gpu-metrics=false",
             f"--backend-directory={self._backend_dir(distribution)}",
-            # A prefix of our own: two servers on one machine must not share /dev/shm regions.
-            f"--backend-config=python,shm-region-prefix-name=cifar-{uuid.uuid4().hex[:12]}",
+            # A prefix of our own: two servers on one machine must not share /dev/shm regions,
+            # and remove_orphans must recognise the regions (and stubs) of this repository.
+            f"{SHM_PREFIX_OPTION}{shm_family(config.repo)}{uuid.uuid4().hex[:8]}-",
+            *repository.restricted_api_args(control_key),
             # Models are unloaded before SIGTERM (unload_all); what is left to wait for is open
             # keep-alive connections, which would hold the exit for the whole timeout.
             "--exit-timeout-secs=3",
@@ -449,11 +572,13 @@ class TritonServer:
         check_ports_free(config)
         repository.install_router(config.repo)
         config.state_dir.mkdir(parents=True, exist_ok=True)
+        control_key = repository.ensure_control_key(config.state_dir)
+        self.orphans_removed = remove_orphans(config.repo)
         if config.log_path.exists():
             config.log_path.replace(config.log_path.with_suffix(".log.previous"))
         with config.log_path.open("wb") as log:
             self.process = subprocess.Popen(
-                self._command(distribution),
+                self._command(distribution, control_key),
                 env=self._environment(distribution),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -513,16 +638,18 @@ class TritonServer:
         return http_ready(self.config.host, self.config.http_port)
 
     def stop(self) -> None:
-        """SIGTERM, wait up to ``stop_timeout_s``, then SIGKILL; removes the pid file."""
+        """Unload the models, SIGTERM, wait up to ``stop_timeout_s``, then SIGKILL; removes the
+        pid file and the repository's orphaned stubs and shm regions (``remove_orphans``)."""
         if self.process is None:
             return
         if self.process.poll() is None:
-            unload_all(self.config.host, self.config.http_port, self.config.stop_timeout_s)
+            _unload_before_stop(self.config, self.config.host, self.config.http_port)
             _terminate(self.process.pid, self.process, self.config.stop_timeout_s)
         record = read_pid_file(self.config.state_dir)
         if record is not None and int(record["pid"]) == self.process.pid:
             self.config.pid_path.unlink(missing_ok=True)
         self.process = None
+        self.orphans_removed = remove_orphans(self.config.repo)
 
     def wait(self) -> int:
         """Block until the server exits (``cifar-triton start --foreground``); its exit code."""

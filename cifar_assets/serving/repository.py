@@ -14,6 +14,12 @@ launcher reloads both models from them. The committed ``config.pbtxt`` files are
 live versions and absolute paths reach Triton as a config override on the repository API's load
 call, which replaces the model's configuration atomically on a running server (a rewritten file
 would also be picked up by anything else that happens to load the model).
+
+Model control is locked: the launcher starts Triton with its restricted-API options, so the
+repository API (load, unload, index) and the other control APIs (shared memory, trace, logging)
+answer only requests that carry the header ``cifar-control-key`` with the key from
+``CIFAR_TRITON_CONTROL_KEY`` or ``<state_dir>/control.key`` (created with mode 0600 on the first
+start). Every load here sends it; see the serving README for the threat model.
 """
 
 from __future__ import annotations
@@ -22,7 +28,10 @@ import hashlib
 import json
 import math
 import os
+import re
+import secrets
 import shutil
+import stat
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -45,6 +54,18 @@ ONNX_OUTPUT = "logits"
 # How the router runs the chosen version: "inprocess" (its own ONNX Runtime session on the
 # version's model.onnx) or "bls" (a BLS call to cifar10_resnet18); see ab_router_model.py.
 ROUTER_EXECUTION_MODES = ("inprocess", "bls")
+CONTROL_KEY_FILE = "control.key"
+CONTROL_KEY_ENV = "CIFAR_TRITON_CONTROL_KEY"
+# The header the restricted APIs expect. Triton's gRPC front end looks for the metadata key with
+# its own prefix, so a gRPC client sends GRPC_CONTROL_HEADER.
+CONTROL_HEADER = "cifar-control-key"
+GRPC_CONTROL_HEADER = f"triton-grpc-protocol-{CONTROL_HEADER}"
+# What the key guards: everything that changes the server rather than asks it. Loading a model
+# runs its code; shared-memory registration maps regions by name; trace and logging write files.
+# Health, metadata, model config, statistics and inference stay open.
+RESTRICTED_APIS = ("model-repository", "shared-memory", "trace", "logging")
+# Triton reads "<apis>:<header>=<value>": the key must not hold ':', '=', ',' or spaces.
+CONTROL_KEY_PATTERN = re.compile(r"[A-Za-z0-9_-]{16,256}")
 
 
 class RepositoryError(ValueError):
@@ -249,6 +270,99 @@ def read_router_execution(state_dir: Path) -> str | None:
     return str(mode)
 
 
+def _check_control_key(key: str, source: str) -> str:
+    if not CONTROL_KEY_PATTERN.fullmatch(key):
+        raise RepositoryError(
+            f"The model-control key in {source} is not 16-256 characters of A-Z, a-z, 0-9, '_' "
+            "and '-'; generate one with `python -c \"import secrets; "
+            'print(secrets.token_urlsafe(32))"`.'
+        )
+    return key
+
+
+def _key_from_environment() -> str | None:
+    from cifar_assets.settings import get_settings
+
+    key = get_settings().triton_control_key
+    return None if key is None else _check_control_key(key, CONTROL_KEY_ENV)
+
+
+def _read_key_file(path: Path) -> str:
+    """The key in ``path``, refused if anyone but its owner may read it or it is a symlink."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise RepositoryError(
+            f"Cannot read the model-control key {path} ({exc}); it must be a regular file owned "
+            f"by you with mode 0600, or set {CONTROL_KEY_ENV}."
+        ) from exc
+    with os.fdopen(descriptor, encoding="ascii", errors="replace") as handle:
+        mode = os.fstat(handle.fileno()).st_mode
+        if not stat.S_ISREG(mode) or mode & 0o077:
+            raise RepositoryError(
+                f"The model-control key {path} has mode {stat.filemode(mode)}; others could read "
+                f"it. Run `chmod 600 {path}` (or delete it: the next start writes a new one)."
+            )
+        return _check_control_key(handle.read().strip(), str(path))
+
+
+def control_key(state_dir: Path | None = None) -> str:
+    """The key that opens Triton's model-control APIs: ``CIFAR_TRITON_CONTROL_KEY`` if set, else
+    the one in ``<state_dir>/control.key`` (written by the first start, mode 0600)."""
+    key = _key_from_environment()
+    if key is not None:
+        return key
+    path = (state_dir or default_state_dir()) / CONTROL_KEY_FILE
+    try:
+        return _read_key_file(path)
+    except FileNotFoundError:
+        raise RepositoryError(
+            f"No model-control key: {CONTROL_KEY_ENV} is unset and {path} does not exist. "
+            "Start the server with `cifar-triton start` (it writes the file), or set "
+            f"{CONTROL_KEY_ENV} to the key the server was started with."
+        ) from None
+
+
+def ensure_control_key(state_dir: Path) -> str:
+    """The key the server is started with: ``control_key``, creating ``<state_dir>/control.key``
+    (mode 0600 from its first byte, never following a symlink) when there is none yet."""
+    key = _key_from_environment()
+    if key is not None:
+        return key
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / CONTROL_KEY_FILE
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        return control_key(state_dir)
+    with os.fdopen(descriptor, "w", encoding="ascii") as handle:
+        os.fchmod(handle.fileno(), 0o600)  # whatever the umask
+        key = secrets.token_urlsafe(32)
+        handle.write(key + "\n")
+    return key
+
+
+def control_headers(state_dir: Path | None = None, protocol: str = "http") -> dict[str, str]:
+    """The header that opens the restricted APIs, named for ``protocol`` ("http" or "grpc")."""
+    name = GRPC_CONTROL_HEADER if protocol == "grpc" else CONTROL_HEADER
+    return {name: control_key(state_dir)}
+
+
+def restricted_api_args(key: str) -> list[str]:
+    """tritonserver options that put RESTRICTED_APIS behind the header, on HTTP and gRPC."""
+    apis = ",".join(RESTRICTED_APIS)
+    return [
+        f"--http-restricted-api={apis}:{CONTROL_HEADER}={key}",
+        f"--grpc-restricted-protocol={apis}:{CONTROL_HEADER}={key}",
+    ]
+
+
+def _protocol(client: Any) -> str:
+    return "grpc" if type(client).__module__.startswith("tritonclient.grpc") else "http"
+
+
 def _config_override(repo: Path, model: str) -> Any:
     """The committed config.pbtxt of ``model`` as a ModelConfig message, ready to be changed."""
     from google.protobuf import text_format
@@ -270,7 +384,8 @@ def _as_json(config: Any) -> str:
 
 
 def _client(client_or_url: Any) -> Any:
-    """A tritonclient client: the one given, or an HTTP client for the URL given."""
+    """A tritonclient client: the one given, or an HTTP client for the URL given. Calls to the
+    restricted APIs pass ``control_headers`` themselves (``_load`` does)."""
     if not isinstance(client_or_url, str):
         return client_or_url
     import tritonclient.http as httpclient
@@ -279,12 +394,20 @@ def _client(client_or_url: Any) -> Any:
     return httpclient.InferenceServerClient(url, network_timeout=300.0)
 
 
-def _load(client_or_url: Any, model: str, config: Any) -> None:
+def _load(client_or_url: Any, model: str, config: Any, state_dir: Path | None) -> None:
     from tritonclient.utils import InferenceServerException
 
+    client = _client(client_or_url)
+    headers = control_headers(state_dir, _protocol(client))
     try:
-        _client(client_or_url).load_model(model, config=_as_json(config))
+        client.load_model(model, config=_as_json(config), headers=headers)
     except InferenceServerException as exc:
+        if "is restricted" in (exc.message() or ""):
+            raise RepositoryError(
+                f"Triton refused to load {model}: the model-control key was not accepted "
+                f"({exc.message()}). The server was started with another key: use the "
+                f"{CONTROL_KEY_ENV} or {CONTROL_KEY_FILE} it was started with, or restart it."
+            ) from exc
         raise RepositoryError(
             f"Triton refused to load {model}: {exc.message()}. The server log (var/triton/"
             "tritonserver.log by default) has the model's own error."
@@ -329,7 +452,7 @@ def set_live_versions(
         )
     config = _config_override(repo, MODEL_NAME)
     config.version_policy.specific.versions[:] = chosen
-    _load(client_or_url, MODEL_NAME, config)
+    _load(client_or_url, MODEL_NAME, config, state_dir)
     write_json_atomic(
         state_dir / LIVE_VERSIONS_FILE, {"versions": chosen, "updated_at": _utc_now()}
     )
@@ -411,7 +534,7 @@ def load_router(
     for key, value in parameters.items():
         config.parameters[key].string_value = value
     capture_dir.mkdir(parents=True, exist_ok=True)
-    _load(client_or_url, ROUTER_NAME, config)
+    _load(client_or_url, ROUTER_NAME, config, state_dir)
     if execution is not None:
         # Only after a successful load: a refused mode must not come back at the next restart.
         write_json_atomic(
