@@ -351,6 +351,13 @@ def test_skipping_policy_loads_the_rest_and_reports_everything(
     np.testing.assert_array_equal(gray[..., 0], pixels["frog"])
     assert (gray[..., 0] == gray[..., 1]).all() and (gray[..., 1] == gray[..., 2]).all()
 
+    resolved = root.resolve()
+    assert imageset.origins.tolist() == [
+        str(resolved / "airplane" / "a.png"),
+        str(resolved / "cat" / "b.JPG"),
+        str(resolved / "dog" / "big.png"),
+        str(resolved / "frog" / "gray.png"),
+    ]
     assert report.n_images == 4
     assert report.unreadable == ["ship/broken.png"]
     assert report.unknown_class_folders == ["unicorn"]
@@ -397,6 +404,12 @@ def test_unlabelled_folder_is_read_recursively(tmp_path: Path) -> None:
     np.testing.assert_array_equal(imageset.images, images)
     assert report.ignored == ["day2/log.csv"]
     assert report.counts == {}
+    root = tmp_path.resolve()
+    assert imageset.origins.tolist() == [
+        str(root / "a.PNG"),
+        str(root / "b.png"),
+        str(root / "day2" / "c.png"),
+    ]
 
 
 def test_written_folder_reads_back_identical_pixels(tmp_path: Path) -> None:
@@ -408,6 +421,10 @@ def test_written_folder_reads_back_identical_pixels(tmp_path: Path) -> None:
     assert report.problems == [] and report.n_resized == 0
     position = {image_id: i for i, image_id in enumerate(original.ids.tolist())}
     assert set(loaded.ids.tolist()) == set(position)
-    for image, label, image_id in zip(loaded.images, loaded.labels, loaded.ids, strict=True):
+    for image, label, image_id, origin in zip(
+        loaded.images, loaded.labels, loaded.ids, loaded.origins, strict=True
+    ):
         np.testing.assert_array_equal(image, original.images[position[image_id]])
         assert label == original.labels[position[image_id]]
+        assert origin == str((tmp_path / "out" / CLASSES[label] / f"{image_id}.png").resolve())
+    assert original.origins[0] == "synthetic index 0"

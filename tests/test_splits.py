@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from cifar_assets.data.errors import DataSourceError
-from cifar_assets.data.imageset import CLASSES, ImageSet
-from cifar_assets.data.splits import split_with_official_test, stratified_split
+from cifar_assets.data.imageset import (
+    CLASSES,
+    ImageSet,
+    load_npz,
+    load_splits,
+    save_npz,
+    save_splits,
+)
+from cifar_assets.data.splits import (
+    class_sizes,
+    split_with_official_test,
+    stratified_split,
+    too_small_classes,
+    too_small_message,
+)
 
 # Deliberately uneven, with a class of one image, one of three and one absent.
 UNEVEN_COUNTS = (50, 33, 7, 3, 1, 120, 0, 17, 9, 60)
@@ -133,3 +147,41 @@ def test_unlabelled_or_empty_sets_cannot_be_split() -> None:
     empty = imageset.subset(np.arange(0))
     with pytest.raises(DataSourceError, match="is empty"):
         stratified_split(empty, 0.1, 0.1, seed=0)
+
+
+def test_origins_follow_their_images_through_splits_and_storage(tmp_path: Path) -> None:
+    imageset = random_set(UNEVEN_COUNTS, source="synthetic")
+    assert imageset.origins[:2].tolist() == ["synthetic index 0", "synthetic index 1"]
+    splits = stratified_split(imageset, 0.1, 0.1, seed=1)
+    origin_of = dict(zip(imageset.ids.tolist(), imageset.origins.tolist(), strict=True))
+    for _, part in splits.items():
+        assert part.origins.tolist() == [origin_of[i] for i in part.ids.tolist()]
+
+    save_splits(tmp_path / "splits.npz", splits)
+    loaded = load_splits(tmp_path / "splits.npz")
+    for (_, part), (_, again) in zip(splits.items(), loaded.items(), strict=True):
+        assert again.origins.tolist() == part.origins.tolist()
+    # a file written before origins existed still loads, naming images by source and index
+    arrays = {k: v for k, v in load_npz(tmp_path / "splits.npz").items() if "origins" not in k}
+    save_npz(tmp_path / "old.npz", arrays)
+    old = load_splits(tmp_path / "old.npz")
+    assert old.test.origins[:1].tolist() == ["synthetic index 0"]
+    with pytest.raises(ValueError, match="3 images but origins of shape"):
+        ImageSet(imageset.images[:3], imageset.labels[:3], imageset.ids[:3], "x", np.array(["a"]))
+
+
+def test_too_small_classes_name_each_split_size() -> None:
+    splits = stratified_split(random_set(UNEVEN_COUNTS), 0.15, 0.25, seed=3)
+    sizes = {size.name: size for size in class_sizes(splits)}
+    assert "frog" not in sizes  # absent from the data: nothing to split
+    assert sizes["deer"].describe() == "deer: 1 image(s) (train 1, validation 0, test 0)"
+    assert sizes["cat"].describe() == "cat: 3 image(s) (train 1, validation 1, test 1)"
+    small = [size.name for size in too_small_classes(splits)]
+    # fewer than 5 in validation (15%) or test (25%): automobile (33) just reaches 5 and 8
+    assert small == ["bird", "cat", "deer", "horse", "ship"]
+    assert sizes["automobile"].validation == 5
+    message = too_small_message(splits)
+    assert message.startswith("5 class(es) too small to split")
+    assert "horse: 17 image(s) (train 10, validation 3, test 4)" in message
+    big = stratified_split(random_set((60,) * 10), 0.1, 0.1, seed=0)
+    assert too_small_classes(big) == [] and too_small_message(big) == ""

@@ -3,7 +3,8 @@
 A labelled folder has one subfolder per CIFAR-10 class (``root/cat/0001.png``). An unlabelled
 folder (a production batch) holds images anywhere below the root; they get label -1. Every image
 becomes 32x32 RGB; what was converted, resized, skipped or ignored is listed in a
-:class:`FolderReport`, so nothing is dropped silently.
+:class:`FolderReport`, so nothing is dropped silently. Each image's origin is its absolute file path,
+so validation messages name the file to fix.
 """
 
 from __future__ import annotations
@@ -78,12 +79,13 @@ def load_image_folder(
     files, labels = _list_labelled(root, report) if labelled else _list_unlabelled(root, report)
 
     # Every file is read before failing, so one error lists every problem at once.
-    images, kept = [], []
+    images, kept, origins = [], [], []
     for path, label in zip(files, labels, strict=True):
         image = _read(path, root, report)
         if image is not None:
             images.append(image)
             kept.append(label)
+            origins.append(str(path))
     if on_error == "fail" and report.problems:
         listing = "\n  ".join(report.problems)
         raise DataSourceError(
@@ -109,7 +111,9 @@ def load_image_folder(
     if labelled:
         counts = np.bincount(label_array, minlength=len(CLASSES))
         report.counts = {name: int(counts[i]) for i, name in enumerate(CLASSES)}
-    imageset = ImageSet.from_arrays(np.stack(images), label_array, source=f"image_folder:{root}")
+    imageset = ImageSet.from_arrays(
+        np.stack(images), label_array, source=f"image_folder:{root}", origins=origins
+    )
     return imageset, report
 
 

@@ -1,15 +1,17 @@
 """The one in-memory form every data source produces, and its open on-disk format.
 
 An :class:`ImageSet` is uint8 images (N, 32, 32, 3), int64 labels (N,) in 0..9 (or -1 when a
-batch is unlabelled) and a stable id per image derived from its content. It is stored as an
-uncompressed ``.npz`` (numpy's zip of ``.npy`` files, opened with ``allow_pickle=False``).
+batch is unlabelled), a stable id per image derived from its content, and an origin per image: where
+a person finds it (a file path for an image folder, ``"cifar10 train index 123"`` for an array
+source). Ids are keys; origins go into messages. It is stored as an uncompressed ``.npz`` (numpy's
+zip of ``.npy`` files, opened with ``allow_pickle=False``); origins are a unicode array in it.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -52,19 +54,56 @@ def content_ids(images: np.ndarray) -> np.ndarray:
     return np.asarray(ids, dtype="<U24")
 
 
+def default_origins(source: str, count: int) -> np.ndarray:
+    """Origins for images that have no file of their own: ``"<source> index <i>"``."""
+    return np.asarray([f"{source} index {i}" for i in range(count)], dtype=str)
+
+
+def _no_origins() -> np.ndarray:
+    return np.empty(0, dtype=str)
+
+
 @dataclass(frozen=True, eq=False)
 class ImageSet:
+    """Images with labels, content ids and origins; leave ``origins`` out for array sources and
+    each image is named ``"<source> index <i>"`` by its position."""
+
     images: np.ndarray
     labels: np.ndarray
     ids: np.ndarray
     source: str = "unknown"
+    origins: np.ndarray = field(default_factory=_no_origins)
+
+    def __post_init__(self) -> None:
+        count = len(self.images)
+        origins = np.asarray(self.origins, dtype=str)
+        if origins.size == 0 and count > 0:
+            origins = default_origins(self.source, count)
+        if origins.shape != (count,):
+            raise ValueError(
+                f"{self.source}: {count} images but origins of shape {origins.shape}; pass one "
+                "origin (file path or source and index) per image, or none."
+            )
+        object.__setattr__(self, "origins", origins)
 
     @classmethod
-    def from_arrays(cls, images: np.ndarray, labels: np.ndarray, source: str) -> ImageSet:
+    def from_arrays(
+        cls,
+        images: np.ndarray,
+        labels: np.ndarray,
+        source: str,
+        origins: Sequence[str] | np.ndarray | None = None,
+    ) -> ImageSet:
         images = np.ascontiguousarray(images, dtype=np.uint8)
         labels = np.asarray(labels, dtype=np.int64)
         check_arrays(images, labels, where=source)
-        return cls(images=images, labels=labels, ids=content_ids(images), source=source)
+        return cls(
+            images=images,
+            labels=labels,
+            ids=content_ids(images),
+            source=source,
+            origins=_no_origins() if origins is None else np.asarray(origins, dtype=str),
+        )
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -74,7 +113,13 @@ class ImageSet:
         return bool(len(self) == 0 or (self.labels >= 0).all())
 
     def subset(self, index: np.ndarray) -> ImageSet:
-        return ImageSet(self.images[index], self.labels[index], self.ids[index], self.source)
+        return ImageSet(
+            self.images[index],
+            self.labels[index],
+            self.ids[index],
+            self.source,
+            self.origins[index],
+        )
 
     def class_counts(self) -> dict[str, int]:
         counts = np.bincount(self.labels[self.labels >= 0], minlength=len(CLASSES))
@@ -117,21 +162,34 @@ def load_npz(path: Path) -> dict[str, np.ndarray]:
         return {key: data[key] for key in data.files}
 
 
-def save_imageset(path: Path, imageset: ImageSet) -> None:
-    save_npz(
-        path,
-        {
-            "images": imageset.images,
-            "labels": imageset.labels,
-            "ids": imageset.ids,
-            "source": np.asarray(imageset.source),
-        },
+def _arrays_of(imageset: ImageSet, prefix: str = "") -> dict[str, np.ndarray]:
+    return {
+        f"{prefix}images": imageset.images,
+        f"{prefix}labels": imageset.labels,
+        f"{prefix}ids": imageset.ids,
+        f"{prefix}source": np.asarray(imageset.source),
+        f"{prefix}origins": imageset.origins,
+    }
+
+
+def _imageset_of(arrays: Mapping[str, np.ndarray], prefix: str = "") -> ImageSet:
+    # files written before origins existed name their images by source and index
+    origins = arrays.get(f"{prefix}origins", _no_origins())
+    return ImageSet(
+        arrays[f"{prefix}images"],
+        arrays[f"{prefix}labels"],
+        arrays[f"{prefix}ids"],
+        str(arrays[f"{prefix}source"]),
+        origins,
     )
 
 
+def save_imageset(path: Path, imageset: ImageSet) -> None:
+    save_npz(path, _arrays_of(imageset))
+
+
 def load_imageset(path: Path) -> ImageSet:
-    arrays = load_npz(path)
-    return ImageSet(arrays["images"], arrays["labels"], arrays["ids"], str(arrays["source"]))
+    return _imageset_of(load_npz(path))
 
 
 @dataclass(frozen=True, eq=False)
@@ -156,25 +214,13 @@ class Splits:
 def save_splits(path: Path, splits: Splits) -> None:
     arrays: dict[str, np.ndarray] = {}
     for name, part in splits.items():
-        arrays[f"{name}_images"] = part.images
-        arrays[f"{name}_labels"] = part.labels
-        arrays[f"{name}_ids"] = part.ids
-        arrays[f"{name}_source"] = np.asarray(part.source)
+        arrays |= _arrays_of(part, f"{name}_")
     save_npz(path, arrays)
 
 
 def load_splits(path: Path) -> Splits:
     arrays = load_npz(path)
-    parts = {
-        name: ImageSet(
-            arrays[f"{name}_images"],
-            arrays[f"{name}_labels"],
-            arrays[f"{name}_ids"],
-            str(arrays[f"{name}_source"]),
-        )
-        for name in SPLITS
-    }
-    return Splits(**parts)
+    return Splits(**{name: _imageset_of(arrays, f"{name}_") for name in SPLITS})
 
 
 @dataclass(frozen=True, eq=False)
@@ -193,32 +239,13 @@ class RawData:
 
 
 def save_raw(path: Path, raw: RawData) -> None:
-    arrays = {
-        "pool_images": raw.pool.images,
-        "pool_labels": raw.pool.labels,
-        "pool_ids": raw.pool.ids,
-        "pool_source": np.asarray(raw.pool.source),
-    }
+    arrays = _arrays_of(raw.pool, "pool_")
     if raw.official_test is not None:
-        test = raw.official_test
-        arrays |= {
-            "test_images": test.images,
-            "test_labels": test.labels,
-            "test_ids": test.ids,
-            "test_source": np.asarray(test.source),
-        }
+        arrays |= _arrays_of(raw.official_test, "test_")
     save_npz(path, arrays)
 
 
 def load_raw(path: Path) -> RawData:
     arrays = load_npz(path)
-
-    def part(prefix: str) -> ImageSet:
-        return ImageSet(
-            arrays[f"{prefix}_images"],
-            arrays[f"{prefix}_labels"],
-            arrays[f"{prefix}_ids"],
-            str(arrays[f"{prefix}_source"]),
-        )
-
-    return RawData(part("pool"), part("test") if "test_images" in arrays else None)
+    test = _imageset_of(arrays, "test_") if "test_images" in arrays else None
+    return RawData(_imageset_of(arrays, "pool_"), test)
