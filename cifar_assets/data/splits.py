@@ -4,16 +4,23 @@ Each class is split on its own, so every split keeps the class proportions of th
 class's share is within one image of exact). Identical images (ids that differ only in their
 ``-1``, ``-2`` duplicate suffix) always land in the same split, so no picture is both trained on
 and tested on. Each split keeps the images in their original order.
+
+A class can be too small to split usefully; :func:`too_small_classes` names such classes with the
+size each split got, for the splits asset's log and the class-balance check.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
 from cifar_assets.data.errors import DataSourceError
 from cifar_assets.data.imageset import CLASSES, ImageSet, Splits
+
+# Below five images, one image moves a class's validation or test accuracy by more than 20 points.
+MIN_HELD_OUT_PER_CLASS = 5
 
 
 def stratified_split(
@@ -64,6 +71,71 @@ def split_with_official_test(
     _check_labelled(test, "split_with_official_test (test set)")
     carved = stratified_split(train, validation_fraction, 0.0, seed)
     return Splits(train=carved.train, validation=carved.validation, test=test)
+
+
+@dataclass(frozen=True)
+class ClassSizes:
+    """How many images of one class the data holds and each split got."""
+
+    name: str
+    total: int
+    train: int
+    validation: int
+    test: int
+
+    def describe(self) -> str:
+        return (
+            f"{self.name}: {self.total} image(s) (train {self.train}, "
+            f"validation {self.validation}, test {self.test})"
+        )
+
+
+def class_sizes(splits: Splits) -> list[ClassSizes]:
+    """Per class present in any split, its total and what each split holds, in class order."""
+    counts = {name: part.class_counts() for name, part in splits.items()}
+    sizes = []
+    for name in CLASSES:
+        train, validation, test = (counts[split][name] for split in ("train", "validation", "test"))
+        if train + validation + test:
+            sizes.append(ClassSizes(name, train + validation + test, train, validation, test))
+    return sizes
+
+
+def too_small_classes(
+    splits: Splits, min_held_out: int = MIN_HELD_OUT_PER_CLASS
+) -> list[ClassSizes]:
+    """Classes present in the data with no training image, or fewer than ``min_held_out`` images
+    in validation or in test: their scores there rest on too few images to mean much."""
+    return [
+        size
+        for size in class_sizes(splits)
+        if size.train == 0 or min(size.validation, size.test) < min_held_out
+    ]
+
+
+def too_small_message(splits: Splits, min_held_out: int = MIN_HELD_OUT_PER_CLASS) -> str:
+    """One sentence naming every too-small class with its sizes and what to do; "" when none."""
+    small = too_small_classes(splits, min_held_out)
+    if not small:
+        return ""
+    total = sum(len(part) for _, part in splits.items())
+    shares = (len(splits.validation) / total, len(splits.test) / total)
+    if min(shares) > 0:
+        advice = (
+            f"Add images of these classes: about {math.ceil(min_held_out / min(shares))} each "
+            f"give validation and test {min_held_out} of each at the current shares "
+            f"({shares[0]:.0%} and {shares[1]:.0%})"
+        )
+    else:
+        advice = (
+            "Validation or test holds no image at all: set validation_fraction and "
+            "test_fraction above 0 and give every class at least 3 images"
+        )
+    return (
+        f"{len(small)} class(es) too small to split (fewer than {min_held_out} images in "
+        f"validation or test, or none in train): {'; '.join(s.describe() for s in small)}. "
+        f"{advice}; until then their validation and test scores rest on a handful of images."
+    )
 
 
 def _split_sizes(count: int, validation_fraction: float, test_fraction: float) -> tuple[int, int]:
