@@ -2,6 +2,8 @@
 
 The rules live in :mod:`cifar_assets.data.validation`; here each outcome becomes a Dagster check
 result whose failure cases show as a table in the UI (dagster-pandera's type check would drop it).
+An outcome of severity "warning" (duplicates inside one split, classes too small to split) fails
+with WARN severity, which Dagster shows but does not block on.
 """
 
 from typing import TYPE_CHECKING, Any
@@ -36,12 +38,20 @@ class LeakageCheckConfig(dg.Config):
 
 
 def _result(outcome: "CheckOutcome") -> dg.AssetCheckResult:
+    # CheckOutcome holds builtin scalars only: Dagster accepts np.float64 (a float subclass) here
+    # and then fails to serialize the event.
     metadata: dict[str, Any] = {"summary": outcome.description, **outcome.summary}
     if not outcome.failures.empty:
         metadata["failure_cases"] = table(outcome.failures)
         metadata["failure_count"] = len(outcome.failures)
+    severity = (
+        dg.AssetCheckSeverity.WARN if outcome.severity == "warning" else dg.AssetCheckSeverity.ERROR
+    )
     return dg.AssetCheckResult(
-        passed=outcome.passed, severity=dg.AssetCheckSeverity.ERROR, metadata=metadata
+        passed=outcome.passed,
+        severity=severity,
+        metadata=metadata,
+        description=outcome.description,
     )
 
 
@@ -63,7 +73,8 @@ def schema_check(validation_report: pd.DataFrame) -> dg.AssetCheckResult:
     asset=validation_report,
     blocking=True,
     additional_ins=_SPLITS_IN,
-    description="Shape (N, 32, 32, 3), uint8, labels in 0..9, no constant images.",
+    description="Shape (N, 32, 32, 3), uint8, labels in 0..9, no constant images, no identical "
+    "images with different labels (errors); no identical images inside one split (a warning).",
 )
 def integrity_check(cifar10_splits: Splits) -> dg.AssetCheckResult:
     from cifar_assets.data.validation import check_integrity
@@ -75,7 +86,8 @@ def integrity_check(cifar10_splits: Splits) -> dg.AssetCheckResult:
     asset=validation_report,
     blocking=True,
     additional_ins=_SPLITS_IN,
-    description="Every class within the tolerance of the mean class count, in every split.",
+    description="Every class within the tolerance of the mean class count, in every split "
+    "(error); every class with enough images in validation and test to be measured (warning).",
 )
 def class_balance_check(config: BalanceCheckConfig, cifar10_splits: Splits) -> dg.AssetCheckResult:
     from cifar_assets.data.validation import check_class_balance

@@ -6,6 +6,7 @@ Each planted defect must be caught and named by image id; a clean set must pass 
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.fft
 import scipy.ndimage
@@ -22,6 +23,7 @@ from cifar_assets.data.statistics import (
 )
 from cifar_assets.data.validation import (
     MAX_FAILURE_ROWS,
+    CheckOutcome,
     check_class_balance,
     check_integrity,
     check_leakage,
@@ -52,9 +54,9 @@ def make_splits(
     train_labels: np.ndarray | None = None,
 ) -> Splits:
     return Splits(
-        make_set(smooth_images(200, 1) if train is None else train, train_labels),
-        make_set(smooth_images(60, 2) if validation is None else validation),
-        make_set(smooth_images(60, 3) if test is None else test),
+        make_set(smooth_images(200, 1) if train is None else train, train_labels, "fixture-a"),
+        make_set(smooth_images(60, 2) if validation is None else validation, name="fixture-b"),
+        make_set(smooth_images(60, 3) if test is None else test, name="fixture-c"),
     )
 
 
@@ -157,7 +159,7 @@ def test_clean_splits_pass_all_four_checks() -> None:
     for name, outcome in outcomes.items():
         assert outcome.passed, (name, outcome.description)
         assert outcome.failures.empty, name
-        assert all(isinstance(v, int | float | str) for v in outcome.summary.values()), name
+        assert all(type(v) in (int, float, str, bool) for v in outcome.summary.values()), name
     assert outcomes["integrity"].summary["images"] == 320
     assert outcomes["balance"].summary["max_relative_deviation"] == 0.0
     assert outcomes["leakage"].summary["exact_duplicate_pairs"] == 0
@@ -185,7 +187,15 @@ def test_integrity_names_out_of_range_labels_and_constant_images() -> None:
     assert constant["value"].tolist() == ["[0, 0, 0]", "[250, 10, 10]"]
     assert outcome.summary["labels_out_of_range"] == 2
     assert outcome.summary["constant_images"] == 2
-    assert ids[5] in outcome.description and ids[17] in outcome.description
+    assert constant["origin"].tolist() == ["fixture-a index 17", "fixture-a index 123"]
+    assert "fixture-a index 5, fixture-a index 42): put each image in the folder of its class" in (
+        outcome.description
+    )
+    assert "2 single-colour image(s) (fixture-a index 17, fixture-a index 123)" in (
+        outcome.description
+    )
+    assert ids[5] not in outcome.description  # content ids mean nothing to a person
+    assert outcome.severity == "error"
 
     schema = check_schema(image_statistics(splits))
     assert not schema.passed
@@ -205,7 +215,7 @@ def test_integrity_failure_table_is_capped_without_hiding_a_kind() -> None:
     assert len(outcome.failures) == MAX_FAILURE_ROWS
     bad_label = outcome.failures[outcome.failures["problem"] == "labels_out_of_range"]
     assert bad_label["id"].tolist() == [splits.train.ids[150]]
-    assert "120 constant images" in outcome.description
+    assert "120 single-colour image(s)" in outcome.description
     assert "and 115 more" in outcome.description
 
 
@@ -268,7 +278,8 @@ def test_leakage_finds_an_exact_duplicate_across_splits() -> None:
     assert (row["kind"], row["split_a"], row["split_b"]) == ("exact", "train", "test")
     assert row["id_a"] == splits.train.ids[3] == row["id_b"] == splits.test.ids[5]
     assert len(outcome.failures) == 1
-    assert splits.train.ids[3] in outcome.description
+    assert (row["origin_a"], row["origin_b"]) == ("fixture-a index 3", "fixture-c index 5")
+    assert "(e.g. fixture-a index 3 (train) = fixture-c index 5 (test))" in outcome.description
 
 
 @pytest.mark.parametrize("change", ["brighter", "noise"])
@@ -386,3 +397,31 @@ def test_near_duplicate_tolerance_accepts_a_known_share_but_never_exact_duplicat
     test[5] = train[3]
     exact = image_statistics(make_splits(train=train, test=test))
     assert not check_leakage(exact, max_near_duplicate_fraction=0.5).passed
+
+
+def test_check_outcome_holds_builtin_scalars_only() -> None:
+    """np.float64 passes isinstance(float), so type hints never caught it; Dagster then failed
+    to serialize it. The outcome converts numpy scalars and refuses anything else."""
+    outcome = CheckOutcome(
+        np.bool_(False),
+        {"deviation": np.float64(0.25), "count": np.int64(3), "name": np.str_("cat")},
+        pd.DataFrame(),
+        "x",
+    )
+    assert outcome.summary == {"deviation": 0.25, "count": 3, "name": "cat"}
+    assert [type(v) for v in outcome.summary.values()] == [float, int, str]
+    assert type(outcome.passed) is bool
+    with pytest.raises(TypeError, match=r"\[1, 2\] is a list"):
+        CheckOutcome(True, {"counts": [1, 2]}, pd.DataFrame(), "x")  # type: ignore[dict-item]
+
+
+def test_near_duplicate_message_names_both_images_by_origin() -> None:
+    train = smooth_images(200, 1)
+    validation = smooth_images(60, 2)
+    validation[9] = train[11] + np.uint8(2)
+    outcome = check_leakage(image_statistics(make_splits(train=train, validation=validation)))
+    row = outcome.failures.iloc[0]
+    assert (row["origin_a"], row["origin_b"]) == ("fixture-a index 11", "fixture-b index 9")
+    assert "(e.g. fixture-a index 11 (train) ~ fixture-b index 9 (validation))" in (
+        outcome.description
+    )

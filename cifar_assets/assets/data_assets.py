@@ -57,10 +57,17 @@ def cifar10_raw(context: dg.AssetExecutionContext, config: RawDataConfig) -> dg.
 
         raw = RawData(generate_synthetic(config.num_images, seed=config.seed))
     elif config.source == "cifar10":
+        from dataclasses import replace
+
         from cifar_assets.data.cifar10 import load_cifar10
+        from cifar_assets.data.imageset import default_origins
 
         train, test = load_cifar10(get_settings().data_dir)
-        raw = RawData(train, official_test=test)
+        # both parts come as source "cifar10": name which one an image is from in messages
+        raw = RawData(
+            replace(train, origins=default_origins("cifar10 train", len(train))),
+            official_test=replace(test, origins=default_origins("cifar10 test", len(test))),
+        )
     else:
         from cifar_assets.data.image_folder import load_image_folder
 
@@ -92,7 +99,7 @@ def _with_extra_batches(
 
     from cifar_assets.data.imageset import ImageSet, load_imageset
 
-    images, labels = [raw.pool.images], [raw.pool.labels]
+    images, labels, origins = [raw.pool.images], [raw.pool.labels], [raw.pool.origins]
     for path in paths:
         if not Path(path).is_file():
             raise dg.Failure(
@@ -108,8 +115,12 @@ def _with_extra_batches(
         context.log.info(f"Adding {len(batch)} labelled images from {path}")
         images.append(batch.images)
         labels.append(batch.labels)
+        origins.append(batch.origins)
     pool = ImageSet.from_arrays(
-        np.concatenate(images), np.concatenate(labels), f"{raw.pool.source}+{len(paths)} batches"
+        np.concatenate(images),
+        np.concatenate(labels),
+        f"{raw.pool.source}+{len(paths)} batches",
+        origins=np.concatenate(origins),
     )
     return RawData(pool, raw.official_test)
 
@@ -125,7 +136,11 @@ def _with_extra_batches(
 def cifar10_splits(
     context: dg.AssetExecutionContext, config: SplitsConfig, cifar10_raw: RawData
 ) -> dg.Output[Splits]:
-    from cifar_assets.data.splits import split_with_official_test, stratified_split
+    from cifar_assets.data.splits import (
+        split_with_official_test,
+        stratified_split,
+        too_small_message,
+    )
 
     if cifar10_raw.official_test is not None:
         splits = split_with_official_test(
@@ -144,6 +159,9 @@ def cifar10_splits(
         columns=["split", *CLASSES, "total"],
     )
     context.log.info("Split sizes: " + ", ".join(f"{n}={len(p)}" for n, p in splits.items()))
+    too_small = too_small_message(splits)
+    if too_small:
+        context.log.warning(f"{cifar10_raw.pool.source}: {too_small}")
     return dg.Output(
         splits,
         data_version=dg.DataVersion(splits.fingerprint()),
@@ -151,6 +169,7 @@ def cifar10_splits(
             "counts_per_class_and_split": table(counts),
             "source": cifar10_raw.pool.source,
             "content_hash": splits.fingerprint(),
+            "classes_too_small": too_small or "none",
             **{f"{name}_images": len(part) for name, part in splits.items()},
         },
     )

@@ -30,10 +30,10 @@ def validation_report(
             "rows": len(stats),
             "constant_images": int(stats["is_constant"].sum()),
             "mean_brightness_by_split": dg.MetadataValue.json(
-                {str(k): v for k, v in summary["brightness"].items()}
+                {str(k): float(v) for k, v in summary["brightness"].items()}
             ),
             "mean_contrast_by_split": dg.MetadataValue.json(
-                {str(k): v for k, v in summary["contrast"].items()}
+                {str(k): float(v) for k, v in summary["contrast"].items()}
             ),
         },
     )

@@ -32,6 +32,7 @@ _POPCOUNT_8 = np.array([bin(value).count("1") for value in range(256)], dtype=np
 
 STATISTICS_COLUMNS = (
     "id",
+    "origin",
     "split",
     "label",
     "mean_r",
@@ -283,7 +284,8 @@ def image_statistics(splits: Splits) -> pd.DataFrame:
     Means and standard deviations are over pixels on the 0..255 scale; ``brightness`` and
     ``contrast`` are the mean and standard deviation of BT.601 luma; ``content_hash`` is the full
     sha256 of the pixel bytes; ``phash`` is :func:`perceptual_hashes` as 16 hex digits;
-    ``is_constant`` means every pixel has the same colour.
+    ``is_constant`` means every pixel has the same colour; ``origin`` is where the image came from
+    (its file path, or source and index), for messages a person can act on.
     """
     frames = []
     for split, part in splits.items():
@@ -300,6 +302,7 @@ def image_statistics(splits: Splits) -> pd.DataFrame:
             pd.DataFrame(
                 {
                     "id": pd.Series(part.ids, dtype=object).astype(str),
+                    "origin": pd.Series(part.origins, dtype=object).astype(str),
                     "split": split,
                     "label": np.asarray(part.labels, dtype=np.int64),
                     "mean_r": means[:, 0],

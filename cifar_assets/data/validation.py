@@ -1,22 +1,26 @@
 """Validation rules for the splits: the statistics-table schema, integrity, class balance, leakage.
 
-Each ``check_*`` function returns a :class:`CheckOutcome` of plain values (a pass flag, small
-scalars for metadata, a failure table of at most :data:`MAX_FAILURE_ROWS` rows naming the offending
-image ids and splits, and one sentence), so an orchestrator can attach them to its own check
-results. The schema is a pandera model run lazily, so every violation is collected at once.
+Each ``check_*`` function returns a :class:`CheckOutcome` of plain values (a pass flag, a severity,
+builtin-typed scalars for metadata, a failure table of at most :data:`MAX_FAILURE_ROWS` rows naming
+the offending images by split, id and origin, and one sentence saying what is wrong, where and what
+to do), so an orchestrator can attach them to its own check results. Messages name images by their
+origin (a file path, or source and index), never by content id alone. The schema is a pandera model
+run lazily, so every violation is collected at once.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from itertools import combinations
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 import pandera.pandas as pa
 from pandera.typing.pandas import Series
 
-from cifar_assets.data.imageset import CLASSES, IMAGE_SHAPE, SPLITS, Splits
+from cifar_assets.data.imageset import CLASSES, IMAGE_SHAPE, SPLITS, Splits, content_hash
+from cifar_assets.data.splits import MIN_HELD_OUT_PER_CLASS, too_small_classes, too_small_message
 from cifar_assets.data.statistics import hex_to_hashes, near_duplicates, single_colour
 
 MAX_FAILURE_ROWS = 50
@@ -28,6 +32,7 @@ class ImageStatisticsSchema(pa.DataFrameModel):
     """The table :func:`cifar_assets.data.statistics.image_statistics` produces."""
 
     id: Series[str] = pa.Field(unique=True, str_length={"min_value": 1})
+    origin: Series[str] = pa.Field(str_length={"min_value": 1})
     split: Series[str] = pa.Field(isin=list(SPLITS))
     label: Series[np.int64] = pa.Field(ge=0, le=len(CLASSES) - 1)
     mean_r: Series[np.float64] = pa.Field(ge=0.0, le=255.0)
@@ -67,14 +72,40 @@ class ImageStatisticsSchema(pa.DataFrameModel):
         return table["is_constant"] == flat
 
 
+Scalar = int | float | str | bool
+
+
+def plain(value: object) -> Scalar:
+    """``value`` as an exact builtin scalar; numpy scalars (np.float64 is a float subclass that
+    type checkers accept but serializers such as Dagster's reject) become their Python value."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if type(value) not in (int, float, str, bool):
+        raise TypeError(
+            f"check summary value {value!r} is a {type(value).__name__}; summaries hold only "
+            "int, float, str or bool: convert it where the summary is built."
+        )
+    return value  # type: ignore[return-value]
+
+
 @dataclass(frozen=True)
 class CheckOutcome:
-    """A check's verdict in plain values: ``failures`` holds at most MAX_FAILURE_ROWS rows."""
+    """A check's verdict in plain values: ``failures`` holds at most MAX_FAILURE_ROWS rows.
+
+    ``severity`` says what a failure means: ``"error"`` (the data must not be used) or
+    ``"warning"`` (usable, but someone should look). The summary is converted to builtin scalars
+    here, so no numpy scalar reaches an orchestrator's metadata.
+    """
 
     passed: bool
-    summary: dict[str, int | float | str]
+    summary: dict[str, Scalar]
     failures: pd.DataFrame = field(repr=False)
     description: str
+    severity: Literal["error", "warning"] = "error"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "passed", bool(self.passed))
+        object.__setattr__(self, "summary", {str(k): plain(v) for k, v in self.summary.items()})
 
 
 def _examples(values: pd.Series | list[str], limit: int = 5, total: int | None = None) -> str:
@@ -87,10 +118,10 @@ def _examples(values: pd.Series | list[str], limit: int = 5, total: int | None =
 def check_schema(stats: pd.DataFrame) -> CheckOutcome:
     """Validate the statistics table against :class:`ImageStatisticsSchema`, collecting all errors.
 
-    The failure table has one row per (violated rule, row) with the row's ``id`` and ``split``
-    when the table has them, so each problem points at an image.
+    The failure table has one row per (violated rule, row) with the row's ``id``, ``origin`` and
+    ``split`` when the table has them, so each problem points at an image.
     """
-    columns = ["id", "split", "column", "check", "failure_case", "row"]
+    columns = ["id", "origin", "split", "column", "check", "failure_case", "row"]
     try:
         ImageStatisticsSchema.validate(stats, lazy=True)
     except pa.errors.SchemaErrors as error:
@@ -106,11 +137,14 @@ def check_schema(stats: pd.DataFrame) -> CheckOutcome:
         )
         cases["failure_case"] = cases["failure_case"].astype(str).where(~row_rule, "(row)")
         rows = pd.to_numeric(cases["index"], errors="coerce")
-        ids = stats["id"] if "id" in stats.columns else pd.Series(dtype=object)
-        splits = stats["split"] if "split" in stats.columns else pd.Series(dtype=object)
+        empty = pd.Series(dtype=object)
+        ids = stats["id"] if "id" in stats.columns else empty
+        origins = stats["origin"] if "origin" in stats.columns else empty
+        splits = stats["split"] if "split" in stats.columns else empty
         failures = pd.DataFrame(
             {
                 "id": [_lookup(ids, row) for row in rows],
+                "origin": [_lookup(origins, row) for row in rows],
                 "split": [_lookup(splits, row) for row in rows],
                 "column": cases["column"].astype(str),
                 "check": cases["check"].astype(str),
@@ -166,7 +200,10 @@ def _capped(failures: pd.DataFrame, kind_column: str) -> pd.DataFrame:
 
 
 def _first_id(failures: pd.DataFrame, check: object) -> str:
-    ids = failures.loc[failures["check"] == check, "id"].dropna()
+    rows = failures[failures["check"] == check]
+    origins, ids = rows["origin"].dropna(), rows["id"].dropna()
+    if len(origins):
+        return f"e.g. {origins.iloc[0]}"
     return f"e.g. id {ids.iloc[0]}" if len(ids) else "table-wide"
 
 
@@ -174,26 +211,76 @@ def _rule_columns(failures: pd.DataFrame, check: object) -> str:
     return ", ".join(failures.loc[failures["check"] == check, "column"].unique()[:3])
 
 
+# What a person should do about each integrity problem, and how the problem reads in a sentence.
+# Only duplicates within a split are a warning: the splitter keeps identical images together, so
+# they leak nothing, their labels agree, and the data stays usable; each copy just weighs one
+# picture twice. Every other problem makes the data wrong or unreadable: an error.
+_INTEGRITY_KINDS = {
+    "bad_shape": (
+        "split(s) with a wrong array shape",
+        "re-materialize cifar10_raw and cifar10_splits from the source",
+    ),
+    "bad_dtype": (
+        "split(s) not stored as uint8",
+        "build image sets with ImageSet.from_arrays, which stores uint8 pixels",
+    ),
+    "values_out_of_range": (
+        "image(s) with pixels outside 0..255",
+        "re-export these images as 8-bit files",
+    ),
+    "labels_out_of_range": (
+        "image(s) with a label outside 0..9",
+        "put each image in the folder of its class (or give it a label 0..9), or drop it",
+    ),
+    "duplicate_ids": (
+        "repeated id(s)",
+        "build image sets with ImageSet.from_arrays, which gives every image its own id",
+    ),
+    "constant_images": (
+        "single-colour image(s)",
+        "delete these blank files from the source, or replace them with the real pictures",
+    ),
+    "conflicting_labels": (
+        "image(s) whose identical copy carries another label",
+        "keep one copy, in the folder of its true class, and delete the others",
+    ),
+    "duplicates_in_split": (
+        "extra copy(ies) of an image in the same split",
+        "delete the extra copies from the source so each picture counts once",
+    ),
+}
+INTEGRITY_WARNINGS = frozenset({"duplicates_in_split"})
+
+
 def check_integrity(splits: Splits) -> CheckOutcome:
     """Array shapes (N, 32, 32, 3), uint8 pixels in 0..255, labels in 0..9, unique ids, no
-    single-colour images; the failure table names the split and image id of every problem."""
+    single-colour images, no identical images with different labels (all errors) and no identical
+    images inside one split (a warning: see ``_INTEGRITY_KINDS``).
+
+    The failure table names the split, id and origin (file path, or source and index) of every
+    problem; the description names origins and says what to do about each kind.
+    """
     problems: list[dict[str, object]] = []
-    counts = {
-        "bad_shape": 0,
-        "bad_dtype": 0,
-        "values_out_of_range": 0,
-        "labels_out_of_range": 0,
-        "duplicate_ids": 0,
-        "constant_images": 0,
-    }
+    counts = dict.fromkeys(_INTEGRITY_KINDS, 0)
+    ids_of = {split: np.asarray(part.ids) for split, part in splits.items()}
+    origins_of = {split: np.asarray(part.origins) for split, part in splits.items()}
 
-    def report(kind: str, split: str, image_id: str | None, value: object) -> None:
+    def report(kind: str, split: str, index: int | None, value: object) -> None:
         counts[kind] += 1
-        problems.append({"split": split, "id": image_id, "problem": kind, "value": str(value)})
+        problems.append(
+            {
+                "split": split,
+                "id": None if index is None else str(ids_of[split][index]),
+                "origin": None if index is None else str(origins_of[split][index]),
+                "problem": kind,
+                "value": str(value),
+            }
+        )
 
+    copies: list[_Copy] = []  # every image of the well-formed splits, by content
     total = 0
     for split, part in splits.items():
-        images, labels, ids = np.asarray(part.images), np.asarray(part.labels), np.asarray(part.ids)
+        images, labels, ids = np.asarray(part.images), np.asarray(part.labels), ids_of[split]
         total += len(images)
         if images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE:
             report("bad_shape", split, None, f"images {images.shape}, expected (N, 32, 32, 3)")
@@ -211,57 +298,128 @@ def check_integrity(splits: Splits) -> CheckOutcome:
             flat = images.reshape(len(images), -1)
             outside = (flat < 0) | (flat > 255) | (flat != np.round(flat))
             for index in np.flatnonzero(outside.any(axis=1)):
-                report("values_out_of_range", split, str(ids[index]), "pixels outside 0..255 ints")
+                report("values_out_of_range", split, int(index), "pixels outside 0..255 ints")
         for index in np.flatnonzero((labels < 0) | (labels >= len(CLASSES))):
-            report("labels_out_of_range", split, str(ids[index]), int(labels[index]))
+            report("labels_out_of_range", split, int(index), int(labels[index]))
         unique, seen = np.unique(ids, return_counts=True)
         for image_id, times in zip(unique[seen > 1], seen[seen > 1], strict=True):
-            report("duplicate_ids", split, str(image_id), f"{int(times)} images share it")
+            first = int(np.flatnonzero(ids == image_id)[0])
+            report("duplicate_ids", split, first, f"{int(times)} images share id {image_id}")
         for index in np.flatnonzero(single_colour(images)):
-            report("constant_images", split, str(ids[index]), images[index, 0, 0].tolist())
+            report("constant_images", split, int(index), images[index, 0, 0].tolist())
+        if images.dtype == np.uint8:
+            copies.extend(
+                _Copy(split, position, int(label), content_hash(image))
+                for position, (image, label) in enumerate(zip(images, labels, strict=True))
+                if 0 <= label < len(CLASSES)
+            )
+    for kind, split, position, value in _copy_problems(copies, origins_of):
+        report(kind, split, position, value)
 
-    failures = pd.DataFrame(problems, columns=["split", "id", "problem", "value"])
-    summary: dict[str, int | float | str] = {"images": total, **counts}
+    failures = pd.DataFrame(problems, columns=["split", "id", "origin", "problem", "value"])
+    summary: dict[str, Scalar] = {"images": total, **counts}
     if failures.empty:
         return CheckOutcome(
             True,
             summary,
             failures,
-            f"All {total} images are uint8 (32, 32, 3) with labels in 0..9, unique ids "
-            "and more than one colour.",
+            f"All {total} images are uint8 (32, 32, 3) with labels in 0..9, unique ids and "
+            "contents, and more than one colour.",
         )
+    where = failures["origin"].fillna(failures["split"] + " split")
     parts = [
-        f"{count} {kind.replace('_', ' ')} "
-        f"({_examples(failures.loc[failures['problem'] == kind, 'id'].fillna('whole split'))})"
+        f"{count} {_INTEGRITY_KINDS[kind][0]} "
+        f"({_examples(where[failures['problem'] == kind])}): {_INTEGRITY_KINDS[kind][1]}"
         for kind, count in counts.items()
         if count
     ]
+    errors = any(count for kind, count in counts.items() if kind not in INTEGRITY_WARNINGS)
     return CheckOutcome(
         False,
         summary,
         _capped(failures, "problem"),
-        "Integrity problems: " + "; ".join(parts) + ". Drop or fix these images at the source.",
+        ("Integrity problems: " if errors else "Usable, but worth fixing: ")
+        + "; ".join(parts)
+        + ". Then re-materialize cifar10_raw.",
+        severity="error" if errors else "warning",
     )
 
 
-def check_class_balance(splits: Splits, tolerance: float = 0.2) -> CheckOutcome:
-    """Every class count of each split within ``tolerance`` (relative) of the split's mean count.
+@dataclass(frozen=True)
+class _Copy:
+    split: str
+    position: int
+    label: int
+    digest: str
 
-    Labels outside 0..9 are left to :func:`check_integrity`; an empty split fails.
+
+def _copy_problems(
+    copies: list[_Copy], origins_of: dict[str, np.ndarray]
+) -> list[tuple[str, str, int, str]]:
+    """(kind, split, position, value) for identical images with different labels (anywhere) and
+    for extra identical images with the same label inside one split; identical images in
+    different splits are leakage, left to :func:`check_leakage`."""
+    groups: dict[str, list[_Copy]] = {}
+    for copy in copies:
+        groups.setdefault(copy.digest, []).append(copy)
+    found = []
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        if len({copy.label for copy in group}) > 1:
+            for copy in group:
+                other = next(item for item in group if item.label != copy.label)
+                found.append(
+                    (
+                        "conflicting_labels",
+                        copy.split,
+                        copy.position,
+                        f"labelled {CLASSES[copy.label]}, but "
+                        f"{origins_of[other.split][other.position]} ({other.split} split) has "
+                        f"the same pixels labelled {CLASSES[other.label]}",
+                    )
+                )
+            continue
+        first_in_split: dict[str, _Copy] = {}
+        for copy in group:
+            first = first_in_split.setdefault(copy.split, copy)
+            if first is not copy:
+                found.append(
+                    (
+                        "duplicates_in_split",
+                        copy.split,
+                        copy.position,
+                        f"same pixels and label ({CLASSES[copy.label]}) as "
+                        f"{origins_of[first.split][first.position]}",
+                    )
+                )
+    return found
+
+
+def check_class_balance(
+    splits: Splits, tolerance: float = 0.2, min_held_out: int = MIN_HELD_OUT_PER_CLASS
+) -> CheckOutcome:
+    """Every class count of each split within ``tolerance`` (relative) of the split's mean count,
+    and every class big enough to split.
+
+    A count outside the tolerance is an error (an empty split fails). A class with no training
+    image, or fewer than ``min_held_out`` images in validation or test, is named with the size
+    each split got: a warning when the counts are otherwise within tolerance, part of the error
+    otherwise. Labels outside 0..9 are left to :func:`check_integrity`.
     """
     if not 0 <= tolerance < 1:
         raise ValueError(f"class-balance tolerance must be in [0, 1), got {tolerance}.")
     rows = []
-    summary: dict[str, int | float | str] = {"tolerance": tolerance}
+    summary: dict[str, Scalar] = {"tolerance": float(tolerance)}
     worst_deviation = 0.0
     for split, part in splits.items():
         labels = np.asarray(part.labels)
         labels = labels[(labels >= 0) & (labels < len(CLASSES))]
-        counts = np.bincount(labels, minlength=len(CLASSES))
+        counts = [int(count) for count in np.bincount(labels, minlength=len(CLASSES))]
         expected = len(labels) / len(CLASSES)
         lower, upper = expected * (1 - tolerance), expected * (1 + tolerance)
-        summary[f"{split}_min_class_count"] = int(counts.min())
-        summary[f"{split}_max_class_count"] = int(counts.max())
+        summary[f"{split}_min_class_count"] = min(counts)
+        summary[f"{split}_max_class_count"] = max(counts)
         for label, count in enumerate(counts):
             deviation = abs(count - expected) / expected if expected else 1.0
             worst_deviation = max(worst_deviation, deviation)
@@ -271,7 +429,7 @@ def check_class_balance(splits: Splits, tolerance: float = 0.2) -> CheckOutcome:
                         "split": split,
                         "label": label,
                         "class": CLASSES[label],
-                        "count": int(count),
+                        "count": count,
                         "expected": round(expected, 2),
                         "lower": round(lower, 2),
                         "upper": round(upper, 2),
@@ -282,13 +440,27 @@ def check_class_balance(splits: Splits, tolerance: float = 0.2) -> CheckOutcome:
         rows, columns=["split", "label", "class", "count", "expected", "lower", "upper"]
     )
     summary["unbalanced_classes"] = len(failures)
-    if failures.empty:
+    small = too_small_classes(splits, min_held_out)
+    small_text = too_small_message(splits, min_held_out)
+    summary["min_held_out_per_class"] = min_held_out
+    summary["classes_too_small"] = len(small)
+    summary["too_small_class_sizes"] = "; ".join(size.describe() for size in small) or "none"
+    if failures.empty and not small:
         return CheckOutcome(
             True,
             summary,
             failures,
             f"Every class count is within {tolerance:.0%} of its split's mean "
-            f"(largest deviation {worst_deviation:.1%}).",
+            f"(largest deviation {worst_deviation:.1%}), and every class has at least "
+            f"{min_held_out} images in validation and in test.",
+        )
+    if failures.empty:
+        return CheckOutcome(
+            False,
+            summary,
+            failures,
+            f"Class counts are within {tolerance:.0%} of their split's mean, but {small_text}",
+            severity="warning",
         )
     examples = _examples(
         [
@@ -300,8 +472,10 @@ def check_class_balance(splits: Splits, tolerance: float = 0.2) -> CheckOutcome:
         False,
         summary,
         failures.head(MAX_FAILURE_ROWS),
-        f"{len(failures)} class counts are more than {tolerance:.0%} from their split's mean: "
-        f"{examples}; re-split with stratification or rebalance the source.",
+        (f"{small_text} " if small_text else "")
+        + f"{len(failures)} class counts are more than {tolerance:.0%} from their split's mean: "
+        f"{examples}; add images of the small classes or remove some of the large ones at the "
+        "source, or raise the class_balance_check tolerance if this imbalance is intended.",
     )
 
 
@@ -324,8 +498,17 @@ def check_leakage(
     between two pHashes are almost always even (the median split sets 32 of the 64 bits), so an
     odd threshold acts like the even one below it.
     """
-    columns = ["kind", "split_a", "id_a", "split_b", "id_b", "phash_distance"]
-    missing = {"id", "split", "content_hash", "phash"} - set(stats.columns)
+    columns = [
+        "kind",
+        "split_a",
+        "origin_a",
+        "id_a",
+        "split_b",
+        "origin_b",
+        "id_b",
+        "phash_distance",
+    ]
+    missing = {"id", "origin", "split", "content_hash", "phash"} - set(stats.columns)
     if missing:
         raise ValueError(
             f"check_leakage needs the image_statistics() table; columns {sorted(missing)} are "
@@ -335,6 +518,7 @@ def check_leakage(
     positions = {split: np.flatnonzero(stats["split"].to_numpy() == split) for split in SPLITS}
     content = stats["content_hash"].to_numpy()
     ids = stats["id"].astype(str).to_numpy()
+    origins = stats["origin"].astype(str).to_numpy()
 
     exact_pairs = 0
     exact_examples: list[dict[str, object]] = []
@@ -356,8 +540,10 @@ def check_leakage(
                     {
                         "kind": "exact",
                         "split_a": earlier,
+                        "origin_a": origins[match],
                         "id_a": ids[match],
                         "split_b": later,
+                        "origin_b": origins[row],
                         "id_b": ids[row],
                         "phash_distance": 0,  # identical pixels, identical hash
                     }
@@ -380,8 +566,10 @@ def check_leakage(
                 {
                     "kind": "near",
                     "split_a": earlier,
+                    "origin_a": origins[early_rows[reference]],
                     "id_a": ids[early_rows[reference]],
                     "split_b": later,
+                    "origin_b": origins[late_rows[query]],
                     "id_b": ids[late_rows[query]],
                     "phash_distance": int(distance),
                 }
@@ -418,13 +606,19 @@ def check_leakage(
         )
     found = []
     if exact_pairs:
-        shown = [f"{r['split_a']}:{r['id_a']} = {r['split_b']}:{r['id_b']}" for r in exact_rows]
+        shown = [
+            f"{r['origin_a']} ({r['split_a']}) = {r['origin_b']} ({r['split_b']})"
+            for r in exact_rows
+        ]
         found.append(
             f"{exact_pairs} exact duplicate pair(s) across splits "
             f"(e.g. {_examples(shown, 3, total=exact_pairs)})"
         )
     if near_images:
-        shown = [f"{r['split_a']}:{r['id_a']} ~ {r['split_b']}:{r['id_b']}" for r in near_rows]
+        shown = [
+            f"{r['origin_a']} ({r['split_a']}) ~ {r['origin_b']} ({r['split_b']})"
+            for r in near_rows
+        ]
         found.append(
             f"{near_images} image(s) with a near-duplicate in an earlier split "
             f"(e.g. {_examples(shown, 3, total=near_images)})"
@@ -433,6 +627,7 @@ def check_leakage(
         False,
         summary,
         failures,
-        "Leakage between splits: " + "; ".join(found) + ". Remove them from the later split "
-        "(or deduplicate the source) and re-split.",
+        "Leakage between splits: " + "; ".join(found) + ". Delete one copy of each pair from the "
+        "source and re-materialize cifar10_raw, or accept a known share of near-duplicates with "
+        "the leakage_check's max_near_duplicate_fraction.",
     )
