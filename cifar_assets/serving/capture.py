@@ -5,7 +5,8 @@ ab_router_model.py``) and by :func:`record_feedback`; every file is append-only 
 
     records/<utc-start>-<pid>.jsonl   one line per routed image: time, request_id, item (index
                                       in its request), user_id, served_version, predicted_class,
-                                      predicted_label, confidence, latency_ms (router side)
+                                      predicted_label, confidence, latency_ms (router side);
+                                      written before the router answers the request
     inputs/<utc-start>-<pid>-<n>.npz  sampled pixels: images uint8 (N, 32, 32, 3), request_ids
     feedback.jsonl                    time, request_id, item, label
 """
@@ -117,8 +118,8 @@ def record_feedback(capture_dir: Path, request_id: str, label: int | str, item: 
     if match.empty:
         raise CaptureError(
             f"Request id {request_id!r} is not in the capture under {capture_dir}; send the "
-            "request through the router (cifar10_ab) with that id, and give feedback after "
-            "the router has flushed it (within a second)."
+            "request through the router (cifar10_ab) with that id (the router writes its "
+            "record before it answers)."
         )
     if item not in set(match["item"]):
         raise CaptureError(

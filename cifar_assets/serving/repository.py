@@ -54,6 +54,8 @@ ONNX_OUTPUT = "logits"
 # How the router runs the chosen version: "inprocess" (its own ONNX Runtime session on the
 # version's model.onnx) or "bls" (a BLS call to cifar10_resnet18); see ab_router_model.py.
 ROUTER_EXECUTION_MODES = ("inprocess", "bls")
+# When the router's capture records reach the disk (see ab_router_model.py).
+CAPTURE_FSYNC_MODES = ("interval", "batch")
 CONTROL_KEY_FILE = "control.key"
 CONTROL_KEY_ENV = "CIFAR_TRITON_CONTROL_KEY"
 # The header the restricted APIs expect. Triton's gRPC front end looks for the metadata key with
@@ -501,6 +503,7 @@ def load_router(
     capture_dir: Path,
     capture_input_sample_rate: float = 0.1,
     execution: str | None = None,
+    capture_fsync: str | None = None,
 ) -> None:
     """Load cifar10_ab with the absolute paths of its weights file and capture folder.
 
@@ -509,7 +512,17 @@ def load_router(
     the mode last set, or the committed config's (``inprocess``) if none ever was. Loading again
     with another mode switches a running server's router over without touching the versions it
     serves.
+
+    ``capture_fsync`` is when capture records reach the disk (CAPTURE_FSYNC_MODES): None or
+    ``"interval"`` (every record is written before its response leaves, and synced at most a
+    second later), ``"batch"`` (synced before each batch's responses leave). See the serving
+    README for what each costs.
     """
+    if capture_fsync is not None and capture_fsync not in CAPTURE_FSYNC_MODES:
+        raise RepositoryError(
+            f"capture_fsync={capture_fsync!r} is unknown; use one of "
+            f"{', '.join(CAPTURE_FSYNC_MODES)}."
+        )
     if not 0.0 <= capture_input_sample_rate <= 1.0:
         raise RepositoryError(
             f"capture_input_sample_rate={capture_input_sample_rate} is outside [0, 1]."
@@ -531,6 +544,8 @@ def load_router(
     }
     if chosen is not None:
         parameters["execution"] = chosen
+    if capture_fsync is not None:
+        parameters["capture_fsync"] = capture_fsync
     for key, value in parameters.items():
         config.parameters[key].string_value = value
     capture_dir.mkdir(parents=True, exist_ok=True)

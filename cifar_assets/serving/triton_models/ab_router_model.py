@@ -29,17 +29,33 @@ The ``execution`` config parameter says how the chosen version runs:
   with ``async_exec``, and a group of one request forwards its input tensor untouched. For
   servers whose versions run elsewhere (the native onnxruntime backend, a GPU).
 
+Requests are checked as the classifier checks them (one input; finite floats within
++-FLOAT_LIMIT; at least one image) and ``user_id`` and the request id are at most MAX_ID_BYTES
+bytes; a bad request gets its own INVALID_ARG error. Logits that are not finite are never
+answered.
+
 Every routed image is recorded (UTC time, request id, user, served version, predicted class,
-confidence, router latency) by a background thread that appends JSON lines under ``capture_dir``
-at least once a second and on ``finalize``; a ``capture_input_sample_rate`` share of the requests,
-chosen by a hash of the request id, also has its pixels kept as uint8 ``.npz`` chunks (256 images
-or 10 s, whichever comes first, and on ``finalize``) for drift detection. The file layout is the
-one ``cifar_assets.serving.capture`` reads.
+confidence, router latency) as a strict-JSON line under ``capture_dir``. The lines of a batch are
+handed to the kernel with one ``write`` on an ``O_APPEND`` descriptor inside ``execute``, before
+its responses are returned, so every answered request has its record in the page cache: a
+SIGKILL of tritonserver or of this stub loses none. ``capture_fsync`` says when they reach the
+disk: ``interval`` (default), a background thread calls ``fdatasync`` at most once a second after
+a write, so a power failure loses at most about a second of records; ``batch``, ``fdatasync``
+before each batch's responses leave (nothing answered is lost even then, at the cost of a disk
+flush per batch). A record that cannot be written (a full disk) is kept and written with the next
+batch; serving goes on, and the error is printed to the server log.
+
+A ``capture_input_sample_rate`` share of the requests, chosen by a hash of the request id, also
+has its pixels kept as uint8 ``.npz`` chunks (256 images or 10 s, whichever comes first, and on
+``finalize``) by the background thread, for drift detection. Those samples are not durable: a
+SIGKILL loses the chunk being gathered. The file layout is the one
+``cifar_assets.serving.capture`` reads.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -63,12 +79,19 @@ CIFAR_STD = np.asarray((0.2470, 0.2435, 0.2616), dtype=np.float32)
 GOLDEN = 0.6180339887498949
 RECORDS_DIR = "records"
 INPUTS_DIR = "inputs"
-FLUSH_INTERVAL_S = 1.0
 WEIGHTS_MAX_AGE_S = 1.0
 # Pixels go out in chunks of up to 256 images, at least every 10 s: fewer, larger files.
 INPUT_CHUNK_IMAGES = 256
 INPUT_FLUSH_INTERVAL_S = 10.0
 EXECUTION_MODES = ("inprocess", "bls")
+FSYNC_MODES = ("interval", "batch")
+FSYNC_INTERVAL_S = 1.0
+# Records that could not be written wait for the next batch, up to this many lines.
+MAX_PENDING_ROWS = 100_000
+# Keep in step with classifier_model.py: the router runs the versions itself in inprocess mode.
+FLOAT_LIMIT = 5.0
+# user_id and the request id are stored with every captured image.
+MAX_ID_BYTES = 256
 _STOP = object()
 
 
@@ -95,18 +118,27 @@ def error_response(message: str, code: Any = None) -> Any:
 
 
 class CaptureWriter:
-    """Appends capture records from a queue on its own thread, so serving never waits on disk."""
+    """Writes each batch's records before its responses leave; sampled pixels on its own thread
+    (with the once-a-second ``fdatasync`` of the ``interval`` policy)."""
 
-    def __init__(self, capture_dir: Path, sample_rate: float, labels: list[str]) -> None:
+    def __init__(
+        self, capture_dir: Path, sample_rate: float, labels: list[str], fsync: str
+    ) -> None:
         self.records_dir = capture_dir / RECORDS_DIR
         self.inputs_dir = capture_dir / INPUTS_DIR
         self.records_dir.mkdir(parents=True, exist_ok=True)
         self.inputs_dir.mkdir(parents=True, exist_ok=True)
         self.sample_rate = sample_rate
         self.labels = labels
+        self.fsync = fsync
         # One file per router process: appends never interleave between writers.
         self.stem = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}"
         self.records_path = self.records_dir / f"{self.stem}.jsonl"
+        self.descriptor = os.open(
+            self.records_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644
+        )
+        self.pending: list[bytes] = []
+        self.unsynced = threading.Event()
         self.chunk_index = 0
         self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._run, name="capture-writer", daemon=True)
@@ -115,36 +147,64 @@ class CaptureWriter:
     def sampled(self, request_id: str) -> bool:
         return self.sample_rate > 0 and hash_fraction("sample:" + request_id) < self.sample_rate
 
-    def put(self, entry: dict[str, Any]) -> None:
-        self.queue.put(entry)
-
-    def close(self, timeout_s: float = 30.0) -> None:
-        self.queue.put(_STOP)
-        self.thread.join(timeout_s)
-
-    def _rows(self, entry: dict[str, Any]) -> list[str]:
+    def rows(self, entry: dict[str, Any]) -> list[bytes]:
         logits = entry["logits"]
         shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
         probabilities = shifted / shifted.sum(axis=1, keepdims=True)
         predicted = probabilities.argmax(axis=1)
         rows = []
         for item, cls in enumerate(predicted):
-            rows.append(
-                json.dumps(
-                    {
-                        "time": entry["time"],
-                        "request_id": entry["request_id"],
-                        "item": item,
-                        "user_id": entry["user_id"],
-                        "served_version": entry["version"],
-                        "predicted_class": int(cls),
-                        "predicted_label": self.labels[int(cls)],
-                        "confidence": round(float(probabilities[item, cls]), 6),
-                        "latency_ms": round(entry["latency_ms"], 3),
-                    }
-                )
-            )
+            row = {
+                "time": entry["time"],
+                "request_id": entry["request_id"],
+                "item": item,
+                "user_id": entry["user_id"],
+                "served_version": entry["version"],
+                "predicted_class": int(cls),
+                "predicted_label": self.labels[int(cls)],
+                "confidence": round(float(probabilities[item, cls]), 6),
+                "latency_ms": round(entry["latency_ms"], 3),
+            }
+            # Strict JSON: the router never answers non-finite logits, so this cannot raise.
+            rows.append((json.dumps(row, allow_nan=False) + "\n").encode("utf-8"))
         return rows
+
+    def write(self, rows: list[bytes]) -> None:
+        """Append ``rows`` (and any left over from a failed write) with one ``write`` call."""
+        data = b"".join(self.pending + rows)
+        if not data:
+            return
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.descriptor, view) :]
+            if self.fsync == "batch":
+                os.fdatasync(self.descriptor)
+            else:
+                self.unsynced.set()
+        except OSError as exc:
+            # Serving goes on; the records wait for the next batch.
+            kept = (self.pending + rows)[-MAX_PENDING_ROWS:]
+            dropped = len(self.pending) + len(rows) - len(kept)
+            self.pending = kept
+            print(
+                f"cifar10_ab capture: cannot write {self.records_path}: {exc}; "
+                f"{len(kept)} records kept for the next batch, {dropped} dropped",
+                file=sys.stderr,
+            )
+            return
+        self.pending = []
+
+    def put_pixels(self, pixels: np.ndarray, request_id: str) -> None:
+        self.queue.put((pixels, request_id))
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        self.queue.put(_STOP)
+        self.thread.join(timeout_s)
+        self.write([])
+        with contextlib.suppress(OSError):
+            os.fdatasync(self.descriptor)
+        os.close(self.descriptor)
 
     def _write_inputs(self, images: list[np.ndarray], request_ids: list[str]) -> None:
         path = self.inputs_dir / f"{self.stem}-{self.chunk_index:06d}.npz"
@@ -154,43 +214,41 @@ class CaptureWriter:
         self.chunk_index += 1
 
     def _run(self) -> None:
-        rows: list[str] = []
         images: list[np.ndarray] = []
         image_ids: list[str] = []
-        next_flush = time.monotonic() + FLUSH_INTERVAL_S
         next_input_flush = time.monotonic() + INPUT_FLUSH_INTERVAL_S
         stopping = False
         while not stopping:
             try:
-                entry = self.queue.get(timeout=max(0.0, next_flush - time.monotonic()))
+                entry = self.queue.get(timeout=FSYNC_INTERVAL_S)
             except queue.Empty:
                 entry = None
             if entry is _STOP:
                 stopping = True
             elif entry is not None:
-                rows.extend(self._rows(entry))
-                if entry["pixels"] is not None:
-                    images.append(entry["pixels"])
-                    image_ids.extend([entry["request_id"]] * len(entry["pixels"]))
-            try:
-                if rows and (stopping or time.monotonic() >= next_flush):
-                    with self.records_path.open("a", encoding="utf-8") as handle:
-                        handle.write("\n".join(rows) + "\n")
-                    rows = []
-                chunk_due = len(image_ids) >= INPUT_CHUNK_IMAGES
-                chunk_due = chunk_due or time.monotonic() >= next_input_flush
-                if images and (stopping or chunk_due):
+                pixels, request_id = entry
+                images.append(pixels)
+                image_ids.extend([request_id] * len(pixels))
+            if self.unsynced.is_set():
+                self.unsynced.clear()
+                try:
+                    os.fdatasync(self.descriptor)
+                except OSError as exc:
+                    print(f"cifar10_ab capture: fdatasync failed: {exc}", file=sys.stderr)
+            chunk_due = len(image_ids) >= INPUT_CHUNK_IMAGES
+            chunk_due = chunk_due or time.monotonic() >= next_input_flush
+            if images and (stopping or chunk_due):
+                try:
                     self._write_inputs(images, image_ids)
+                except OSError as exc:
+                    # Capture must never stop serving; the pixels stay for the next chunk.
+                    print(
+                        f"cifar10_ab capture: cannot write under {self.inputs_dir}: {exc}",
+                        file=sys.stderr,
+                    )
+                else:
                     images, image_ids = [], []
-                    next_input_flush = time.monotonic() + INPUT_FLUSH_INTERVAL_S
-            except OSError as exc:
-                # Capture must never stop serving; the records stay queued for the next flush.
-                print(
-                    f"cifar10_ab capture: cannot write under {self.records_dir}: {exc}",
-                    file=sys.stderr,
-                )
-            if time.monotonic() >= next_flush:
-                next_flush = time.monotonic() + FLUSH_INTERVAL_S
+                next_input_flush = time.monotonic() + INPUT_FLUSH_INTERVAL_S
 
 
 class Routed(NamedTuple):
@@ -283,8 +341,17 @@ class TritonPythonModel:
         # version -> (file key, error) of a model.onnx that could not be loaded: not retried
         # until the file changes.
         self.failed: dict[int, tuple[tuple[int, int, int] | None, str]] = {}
+        fsync = parameters.get("capture_fsync", FSYNC_MODES[0])
+        if fsync not in FSYNC_MODES:
+            raise pb_utils.TritonModelException(
+                f"{self.model_name}: config parameter capture_fsync={fsync!r}; use one of "
+                f"{', '.join(FSYNC_MODES)} (load_router(..., capture_fsync=...) sets it)."
+            )
         self.capture = CaptureWriter(
-            Path(capture_dir), float(parameters.get("capture_input_sample_rate", "0")), labels
+            Path(capture_dir),
+            float(parameters.get("capture_input_sample_rate", "0")),
+            labels,
+            fsync,
         )
         if self.execution == "inprocess":
             # Build the sessions now rather than in the first request, when the weights exist.
@@ -394,32 +461,53 @@ class TritonPythonModel:
         self.counter += 1
         return (self.counter * GOLDEN) % 1.0
 
+    def _problem(self, images: Any, floats: Any) -> str | None:
+        """Why a request's inputs are refused, or None. Checked here as the target model checks
+        them: errors that come back through BLS lose their code (500 instead of 400), and in
+        inprocess mode the router runs the model itself."""
+        if (images is None) == (floats is None):
+            given = "both" if images is not None else "neither"
+            return (
+                f"{self.model_name}: send exactly one of the inputs '{UINT8_INPUT}' (uint8 "
+                f"N,32,32,3) or '{FLOAT_INPUT}' (normalised float32 N,3,32,32); this request had "
+                f"{given}."
+            )
+        tensor = images if images is not None else floats
+        if tensor.shape()[0] == 0:
+            return f"{self.model_name}: the request holds no images; send at least one."
+        if floats is not None:
+            batch = floats.as_numpy()
+            if not np.isfinite(batch).all():
+                return (
+                    f"{self.model_name}: '{FLOAT_INPUT}' holds NaN or infinite values; send "
+                    f"normalised finite pixels, or raw pixels as '{UINT8_INPUT}'."
+                )
+            largest = float(np.abs(batch).max())
+            if largest > FLOAT_LIMIT:
+                return (
+                    f"{self.model_name}: '{FLOAT_INPUT}' holds values up to {largest:.6g} in "
+                    f"magnitude, beyond the limit of {FLOAT_LIMIT:g} (normalised pixels lie "
+                    f"within [-1.99, 2.13]); send raw pixels as '{UINT8_INPUT}', or normalise "
+                    "them as cifar_assets.ml.model.normalise_uint8 does."
+                )
+        return None
+
+    def _too_long(self, what: str, value: str) -> str | None:
+        size = len(value.encode("utf-8", errors="surrogatepass"))
+        if size <= MAX_ID_BYTES:
+            return None
+        return (
+            f"{self.model_name}: the {what} is {size} bytes, more than {MAX_ID_BYTES}; it is "
+            "stored with every captured image, so send a short opaque id (e.g. a hash)."
+        )
+
     def _route(self, requests: list[Any], responses: list[Any]) -> list[Routed]:
         """Check each request and pick its version; rejected ones get their error response."""
         routed = []
         for index, request in enumerate(requests):
             images = pb_utils.get_input_tensor_by_name(request, UINT8_INPUT)
             floats = pb_utils.get_input_tensor_by_name(request, FLOAT_INPUT)
-            if (images is None) == (floats is None):
-                responses[index] = error_response(
-                    f"{self.model_name}: send exactly one of the inputs '{UINT8_INPUT}' (uint8 "
-                    f"N,32,32,3) or '{FLOAT_INPUT}' (normalised float32 N,3,32,32)."
-                )
-                continue
-            tensor = images if images is not None else floats
-            if tensor.shape()[0] == 0:
-                responses[index] = error_response(
-                    f"{self.model_name}: the request holds no images; send at least one."
-                )
-                continue
-            # Checked here as the target model checks it: errors that come back through BLS
-            # lose their code and would reach the client as 500 instead of 400.
-            if floats is not None and not np.isfinite(floats.as_numpy()).all():
-                responses[index] = error_response(
-                    f"{self.model_name}: '{FLOAT_INPUT}' holds NaN or infinite values; send "
-                    f"normalised finite pixels, or raw pixels as '{UINT8_INPUT}'."
-                )
-                continue
+            problem = self._problem(images, floats)
             try:
                 parameters = json.loads(request.parameters() or "{}")
             except ValueError:
@@ -427,23 +515,42 @@ class TritonPythonModel:
             user_id = parameters.get("user_id")
             user_id = None if user_id is None else str(user_id)
             given_id = request.request_id()
+            if problem is None and user_id is not None:
+                problem = self._too_long("user_id parameter", user_id)
+            if problem is None and given_id:
+                problem = self._too_long("request id", given_id)
+            if problem is not None:
+                responses[index] = error_response(problem)
+                continue
+            tensor = images if images is not None else floats
             version = self._pick(self._fraction(user_id, given_id))
             routed.append(Routed(index, version, tensor, given_id or uuid.uuid4().hex, user_id))
         return routed
 
-    def _record(self, member: Routed, values: np.ndarray, when: str, latency_ms: float) -> None:
-        pixels = None
+    def _not_finite(self, version: int) -> Any:
+        return error_response(
+            f"{self.model_name} -> {self.target} version {version}: the model produced "
+            "non-finite logits for this request, so it is not answered; rewrite the version "
+            "with a model that passes the ONNX parity check.",
+            pb_utils.TritonError.INTERNAL,
+        )
+
+    def _record(
+        self, member: Routed, values: np.ndarray, when: str, latency_ms: float
+    ) -> list[bytes]:
+        """The request's capture lines (written by execute before it answers); its pixels go to
+        the background thread if the request is sampled."""
         if self.capture.sampled(member.request_id):
             array = member.tensor.as_numpy()
             pixels = array.copy() if member.tensor.name() == UINT8_INPUT else to_uint8(array)
-        self.capture.put(
+            self.capture.put_pixels(pixels, member.request_id)
+        return self.capture.rows(
             {
                 "time": when,
                 "request_id": member.request_id,
                 "user_id": member.user_id,
                 "version": member.version,
-                "logits": np.array(values, dtype=np.float32),
-                "pixels": pixels,
+                "logits": values,
                 "latency_ms": latency_ms,
             }
         )
@@ -464,6 +571,7 @@ class TritonPythonModel:
         groups: dict[int, list[Routed]] = {}
         for member in self._route(requests, responses):
             groups.setdefault(member.version, []).append(member)
+        rows: list[bytes] = []
         for version, members in groups.items():
             local = self.local.get(version)
             if local is None:
@@ -498,6 +606,9 @@ class TritonPythonModel:
                 count = batch.shape[0]
                 values = logits[start : start + count]
                 start += count
+                if not np.isfinite(values).all():
+                    responses[member.position] = self._not_finite(version)
+                    continue
                 served = np.full((count, 1), version, dtype=np.int64)
                 responses[member.position] = pb_utils.InferenceResponse(
                     output_tensors=[
@@ -505,7 +616,8 @@ class TritonPythonModel:
                         pb_utils.Tensor("served_version", served),
                     ]
                 )
-                self._record(member, values, when, latency_ms)
+                rows.extend(self._record(member, values, when, latency_ms))
+        self.capture.write(rows)  # before the responses leave: see the module's docstring
         return responses
 
     async def _execute_bls(self, requests: list[Any]) -> list[Any]:
@@ -517,6 +629,7 @@ class TritonPythonModel:
         groups: dict[tuple[int, str], list[Routed]] = {}
         for member in self._route(requests, responses):
             groups.setdefault((member.version, member.tensor.name()), []).append(member)
+        rows: list[bytes] = []
 
         async def forward(version: int, name: str, members: list[Routed]) -> None:
             if len(members) == 1:
@@ -555,13 +668,17 @@ class TritonPythonModel:
                     values = whole[start : start + count]
                     out = pb_utils.Tensor("logits", values)
                 start += count
+                if not np.isfinite(values).all():
+                    responses[member.position] = self._not_finite(version)
+                    continue
                 served = np.full((count, 1), version, dtype=np.int64)
                 responses[member.position] = pb_utils.InferenceResponse(
                     output_tensors=[out, pb_utils.Tensor("served_version", served)]
                 )
-                self._record(member, values, when, latency_ms)
+                rows.extend(self._record(member, values, when, latency_ms))
 
         await asyncio.gather(*(forward(v, name, m) for (v, name), m in groups.items()))
+        self.capture.write(rows)  # before the responses leave: see the module's docstring
         return responses
 
     def finalize(self) -> None:

@@ -6,8 +6,10 @@ onnxruntime only, never the ``cifar_assets`` package.
 
 A request carries exactly one of two inputs: ``images_uint8`` (N, 32, 32, 3) raw pixels, normalised
 here exactly as ``cifar_assets.ml.model.normalise_uint8`` does, or ``input`` (N, 3, 32, 32) float32
-already normalised. A bad request gets an INVALID_ARG error of its own; the other requests of the
-same dynamic batch are still answered, and all valid ones run as one ONNX Runtime call.
+already normalised, each value within +-FLOAT_LIMIT. A bad request gets an INVALID_ARG error of
+its own that names the problem; the other requests of the same dynamic batch are still answered,
+and all valid ones run as one ONNX Runtime call. Logits that are not finite are never answered:
+that request gets an INTERNAL error instead.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ FLOAT_INPUT = "input"
 # Keep in step with cifar_assets.ml.model.CIFAR_MEAN / CIFAR_STD (a test compares the outputs).
 CIFAR_MEAN = np.asarray((0.4914, 0.4822, 0.4465), dtype=np.float32)
 CIFAR_STD = np.asarray((0.2470, 0.2435, 0.2616), dtype=np.float32)
+# Normalised pixels lie within [-1.99, 2.13]; the limit leaves room for other normalisations
+# (ImageNet's reaches 2.64) and refuses raw 0-255 floats and values that overflow the network.
+FLOAT_LIMIT = 5.0
 
 
 def normalise_uint8(images: np.ndarray) -> np.ndarray:
@@ -102,6 +107,13 @@ class TritonPythonModel:
                     f"{where}: '{FLOAT_INPUT}' holds NaN or infinite values; send normalised "
                     f"finite pixels, or raw pixels as '{UINT8_INPUT}'."
                 )
+            if batch.size and float(np.abs(batch).max()) > FLOAT_LIMIT:
+                return (
+                    f"{where}: '{FLOAT_INPUT}' holds values up to {float(np.abs(batch).max()):.6g}"
+                    f" in magnitude, beyond the limit of {FLOAT_LIMIT:g} (normalised pixels lie "
+                    f"within [-1.99, 2.13]); send raw pixels as '{UINT8_INPUT}', or normalise "
+                    "them as cifar_assets.ml.model.normalise_uint8 does."
+                )
         if batch.shape[0] == 0:
             return f"{where}: the request holds no images; send at least one."
         if self.max_batch_size and batch.shape[0] > self.max_batch_size:
@@ -133,6 +145,16 @@ class TritonPythonModel:
             for index, batch in zip(valid, batches, strict=True):
                 part = logits[start : start + batch.shape[0]]
                 start += batch.shape[0]
+                if not np.isfinite(part).all():
+                    responses[index] = pb_utils.InferenceResponse(
+                        error=pb_utils.TritonError(
+                            f"{self.model_name} version {self.version}: the model produced "
+                            "non-finite logits for this request, so it is not answered; "
+                            "rewrite the version with a model that passes the ONNX parity check.",
+                            pb_utils.TritonError.INTERNAL,
+                        )
+                    )
+                    continue
                 outputs = [pb_utils.Tensor("logits", part)]
                 if "probabilities" in requests[index].requested_output_names():
                     outputs.append(pb_utils.Tensor("probabilities", softmax(part)))
