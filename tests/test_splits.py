@@ -144,6 +144,7 @@ def test_unlabelled_or_empty_sets_cannot_be_split() -> None:
     with pytest.raises(DataSourceError) as caught:
         stratified_split(unlabelled, 0.1, 0.1, seed=0)
     assert "50 image(s) of batch-7 have no class label" in str(caught.value)
+    assert "(first: batch-7 index 0, batch-7 index 1, batch-7 index 2," in str(caught.value)
     empty = imageset.subset(np.arange(0))
     with pytest.raises(DataSourceError, match="is empty"):
         stratified_split(empty, 0.1, 0.1, seed=0)

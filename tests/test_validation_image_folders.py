@@ -116,6 +116,9 @@ def test_unequal_folder_is_checked_by_file_with_plain_values(tmp_path: Path) -> 
     assert "bird: 12 image(s) (train 10, validation 1, test 1)" in balance.description
     assert "about 37 each give validation and test 5 of each" in balance.description
     assert "train/automobile=1 (expected 5.3)" in balance.description
+    assert f"remove some of the large ones in image_folder:{(tmp_path / 'images').resolve()}, " in (
+        balance.description
+    )
 
     # wide enough a tolerance: the counts pass, the tiny held-out classes stay a warning
     tolerant = check_class_balance(splits, tolerance=0.9)

@@ -168,9 +168,9 @@ def _check_labelled(imageset: ImageSet, where: str) -> None:
         raise DataSourceError(f"{where}: the image set from {imageset.source} is empty.")
     bad = (imageset.labels < 0) | (imageset.labels >= len(CLASSES))
     if bad.any():
-        first = imageset.ids[np.flatnonzero(bad)[:5]].tolist()
+        first = ", ".join(imageset.origins[np.flatnonzero(bad)[:5]].tolist())
         raise DataSourceError(
             f"{where}: {int(bad.sum())} image(s) of {imageset.source} have no class label in "
-            f"0..{len(CLASSES) - 1} (first ids: {first}); only labelled sets can be split. "
+            f"0..{len(CLASSES) - 1} (first: {first}); only labelled sets can be split. "
             "Label them, or drop the unlabelled images first."
         )

@@ -474,8 +474,9 @@ def check_class_balance(
         failures.head(MAX_FAILURE_ROWS),
         (f"{small_text} " if small_text else "")
         + f"{len(failures)} class counts are more than {tolerance:.0%} from their split's mean: "
-        f"{examples}; add images of the small classes or remove some of the large ones at the "
-        "source, or raise the class_balance_check tolerance if this imbalance is intended.",
+        f"{examples}; add images of the small classes or remove some of the large ones in "
+        f"{splits.train.source}, or raise the class_balance_check tolerance if this imbalance "
+        "is intended.",
     )
 
 
