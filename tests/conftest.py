@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -44,3 +45,31 @@ def subprocess_env(extra: dict[str, str]) -> dict[str, str]:
     env.update(extra)
     env["PATH"] = f"{PROJECT_ROOT / '.venv' / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     return env
+
+
+def whole_state() -> dict[str, Any]:
+    """The whole lifecycle state for the settings in the environment: MLflow's aliases, the
+    router's weights, Triton's live versions and which answer, and every disagreement the
+    rollout finds between them (against the running server)."""
+    from cifar_assets.serving.launcher import TritonConfig
+    from cifar_assets.serving.rollout import Rollout
+    from cifar_assets.settings import get_settings
+
+    settings = get_settings()
+    config = TritonConfig.from_settings()
+    rollout = Rollout(
+        tracking_uri=settings.mlflow_tracking_uri,
+        model_name=settings.registered_model_name,
+        triton=config.http_url,
+        repo=config.repo,
+        state_dir=config.state_dir,
+    )
+    state = rollout.state()
+    return {
+        "champion": state.champion,
+        "challenger": state.challenger,
+        "weights": state.weights,
+        "live": state.live_versions,
+        "ready": [v for v in range(1, 6) if rollout.server_ready(v)],
+        "problems": rollout.check(server_ready=rollout.server_ready),
+    }

@@ -328,7 +328,15 @@ class Rollout:
             )
             raise
         after = self.state()
-        self._append({**base, "phase": "done", "time": _now(), "after": after.to_dict()})
+        self._append(
+            {
+                **base,
+                "phase": "done",
+                "time": _now(),
+                "before": before.to_dict(),
+                "after": after.to_dict(),
+            }
+        )
         return Transition(
             record_id,
             action,
@@ -572,6 +580,7 @@ class Rollout:
                 "phase": "done",
                 "time": _now(),
                 "completed_by": "reconcile",
+                "before": intent["before"],
                 "after": after.to_dict(),
             }
         )
