@@ -569,11 +569,12 @@ class TritonServer:
                 f"{record['http_port']}) is already running for {config.state_dir}; stop it "
                 "with `cifar-triton stop`, or use another CIFAR_VAR_DIR."
             )
+        # First: an orphaned stub of a killed server may still hold the old server's sockets.
+        self.orphans_removed = remove_orphans(config.repo)
         check_ports_free(config)
         repository.install_router(config.repo)
         config.state_dir.mkdir(parents=True, exist_ok=True)
         control_key = repository.ensure_control_key(config.state_dir)
-        self.orphans_removed = remove_orphans(config.repo)
         if config.log_path.exists():
             config.log_path.replace(config.log_path.with_suffix(".log.previous"))
         with config.log_path.open("wb") as log:

@@ -129,7 +129,7 @@ class CaptureWriter:
         self.records_dir.mkdir(parents=True, exist_ok=True)
         self.inputs_dir.mkdir(parents=True, exist_ok=True)
         self.sample_rate = sample_rate
-        self.labels = labels
+        self.label_json = [json.dumps(label) for label in labels]
         self.fsync = fsync
         # One file per router process: appends never interleave between writers.
         self.stem = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}"
@@ -148,26 +148,33 @@ class CaptureWriter:
         return self.sample_rate > 0 and hash_fraction("sample:" + request_id) < self.sample_rate
 
     def rows(self, entry: dict[str, Any]) -> list[bytes]:
+        """One strict-JSON line per image. Runs before the response leaves, so the fields that
+        all images of a request share are encoded once (per-image json.dumps of a dict cost
+        7-8 us an image, this about 1)."""
         logits = entry["logits"]
         shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
         probabilities = shifted / shifted.sum(axis=1, keepdims=True)
         predicted = probabilities.argmax(axis=1)
-        rows = []
-        for item, cls in enumerate(predicted):
-            row = {
-                "time": entry["time"],
-                "request_id": entry["request_id"],
-                "item": item,
-                "user_id": entry["user_id"],
-                "served_version": entry["version"],
-                "predicted_class": int(cls),
-                "predicted_label": self.labels[int(cls)],
-                "confidence": round(float(probabilities[item, cls]), 6),
-                "latency_ms": round(entry["latency_ms"], 3),
-            }
-            # Strict JSON: the router never answers non-finite logits, so this cannot raise.
-            rows.append((json.dumps(row, allow_nan=False) + "\n").encode("utf-8"))
-        return rows
+        confidences = probabilities[np.arange(len(predicted)), predicted]
+        shared = {
+            "time": entry["time"],
+            "request_id": entry["request_id"],
+            "user_id": entry["user_id"],
+            "served_version": entry["version"],
+            "latency_ms": round(entry["latency_ms"], 3),
+        }
+        # Strict JSON: the router never answers non-finite logits, so nothing here is NaN.
+        head = json.dumps(shared, allow_nan=False)[:-1]
+        return [
+            (
+                f'{head}, "item": {item}, "predicted_class": {cls}, '
+                f'"predicted_label": {self.label_json[cls]}, '
+                f'"confidence": {round(confidence, 6)!r}}}\n'
+            ).encode()
+            for item, (cls, confidence) in enumerate(
+                zip(predicted.tolist(), confidences.tolist(), strict=True)
+            )
+        ]
 
     def write(self, rows: list[bytes]) -> None:
         """Append ``rows`` (and any left over from a failed write) with one ``write`` call."""
