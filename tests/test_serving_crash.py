@@ -1,5 +1,5 @@
 """Serving survives crashes: tritonserver killed with SIGKILL under load, five times, loses no
-record of a request it answered, and ``start``/``stop`` remove the orphaned python-backend stubs
+record of a request it answered, and ``start`` (after kills 1-4) and ``stop`` (after kill 5) remove the orphaned python-backend stubs
 and ``/dev/shm`` regions of their own repository, and nothing of anyone else's. Also measures what
 durable capture costs (medians printed; run with ``-s`` to see them)."""
 
@@ -23,7 +23,7 @@ import pytest
 
 from cifar_assets.serving import capture, launcher, repository
 from cifar_assets.serving.client import infer_ab
-from cifar_assets.serving.launcher import TritonServer, remove_orphans, shm_family
+from cifar_assets.serving.launcher import TritonServer, remove_orphans, shm_family, stop_and_clean
 from cifar_assets.serving.loadtest import run_load
 from tests.serving_fixtures import (  # noqa: F401
     ServingEnv,
@@ -109,7 +109,7 @@ def test_kill_9_under_load_loses_no_acknowledged_record_and_leaves_no_orphan(
     traffic = Traffic(env)
     try:
         with traffic:
-            for _ in range(KILLS):
+            for kill in range(1, KILLS + 1):
                 before = len(traffic.acknowledged)
                 deadline = time.monotonic() + 30
                 while len(traffic.acknowledged) < before + 150 and time.monotonic() < deadline:
@@ -120,8 +120,13 @@ def test_kill_9_under_load_loses_no_acknowledged_record_and_leaves_no_orphan(
                 process.wait()
                 time.sleep(0.5)  # requests in flight fail now
                 found = (_stubs_of(env.repo), _regions_of(env.repo))
-                env.server = TritonServer(env.config).start()
-                removed = env.server.orphans_removed
+                if kill < KILLS:
+                    env.server = TritonServer(env.config).start()
+                    removed = env.server.orphans_removed
+                else:  # `cifar-triton stop` after the last kill: nothing runs, orphans go
+                    env.server.process = None
+                    running, removed = stop_and_clean(env.config)
+                    assert not running and not env.config.pid_path.exists()
                 assert sorted(removed.stubs) == sorted(found[0])
                 assert set(found[1]) <= set(removed.regions)
                 assert not set(found[0]) & set(_stubs_of(env.repo))
