@@ -457,10 +457,11 @@ def remove_orphans(repo: Path, grace_s: float = 5.0) -> Orphans:
     for pid, command in processes:
         if Path(command[0]).name != STUB_NAME or len(command) < 3:
             continue
-        model_file, region = Path(command[1]), command[2]
+        model_file, region = Path(command[1]).resolve(), command[2]
         if region.startswith(family) and model_file.is_relative_to(repo) and not owned(region):
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                # Deadlocked orphans ignore SIGTERM; they hold no data that is not on disk.
+                # Deadlocked orphans ignore SIGTERM; every record they answered is already
+                # written (only a sampled-pixel chunk in gathering is lost).
                 os.kill(pid, signal.SIGKILL)
                 stubs.append(pid)
     deadline = time.monotonic() + grace_s
@@ -472,7 +473,8 @@ def remove_orphans(repo: Path, grace_s: float = 5.0) -> Orphans:
     if SHM_DIR.is_dir():
         for path in sorted(SHM_DIR.iterdir()):
             if path.name.startswith(family) and not owned(path.name):
-                with contextlib.suppress(FileNotFoundError):
+                # Another user's region of the same path is theirs (/dev/shm is sticky).
+                with contextlib.suppress(FileNotFoundError, PermissionError):
                     path.unlink()
                     regions.append(path.name)
     return Orphans(stubs=stubs, regions=regions)
