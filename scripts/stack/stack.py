@@ -40,7 +40,19 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = ROOT / ".venv" / "bin"
 HOST = "127.0.0.1"
 PG_USER = "cifar"
-PG_BIN = Path(os.environ.get("CIFAR_STACK_PG_BIN", "/usr/lib/postgresql/15/bin"))
+
+
+def _pg_bin() -> Path:
+    """CIFAR_STACK_PG_BIN, or the newest Debian/Ubuntu PostgreSQL (15 on Debian 12, 16 on
+    Ubuntu 24.04)."""
+    given = os.environ.get("CIFAR_STACK_PG_BIN")
+    if given:
+        return Path(given)
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
+    return found[-1].parent if found else Path("/usr/lib/postgresql/bin")
+
+
+PG_BIN = _pg_bin()
 SERVICES = (
     "postgres",
     "mlflow",
