@@ -34,6 +34,7 @@ class Settings:
     # state folder keeps one in control.key (mode 0600). Never shown in a repr.
     triton_control_key: str | None = field(repr=False)
     prometheus_port: int  # PROMETHEUS_PORT
+    app_port: int  # CIFAR_APP_PORT: the prediction and feedback app (cifar-app)
     log_level: str  # LOG_LEVEL
 
     @property
@@ -91,5 +92,6 @@ def get_settings() -> Settings:
         triton_metrics_port=_int("TRITON_METRICS_PORT", 8002),
         triton_control_key=os.environ.get("CIFAR_TRITON_CONTROL_KEY") or None,
         prometheus_port=_int("PROMETHEUS_PORT", 8003),
+        app_port=_int("CIFAR_APP_PORT", 8501),
         log_level=os.environ.get("LOG_LEVEL", "INFO").upper(),
     )
