@@ -24,7 +24,7 @@ from PIL import Image
 
 from cifar_assets.app.config import app_config
 from cifar_assets.app.images import ImageFileError, prepare_upload, random_test_images
-from cifar_assets.app.predict import explain
+from cifar_assets.app.predict import explain, service_problem
 from cifar_assets.app.watch import latest_ab_report, latest_drift_reports, traffic_by_version
 from cifar_assets.data.synthetic import generate_synthetic
 from cifar_assets.serving import repository
@@ -132,6 +132,9 @@ def test_explain_tells_down_from_no_model_from_refused() -> None:
     assert explain(unknown, url).kind == "no_model"
     refused = explain(ServingError("input 'images_uint8' has the wrong shape"), url)
     assert refused.kind == "refused" and "wrong shape" in refused.details
+    (closed,) = free_ports(1)
+    nobody = service_problem(f"127.0.0.1:{closed}")
+    assert nobody is not None and nobody.kind == "down"
 
 
 def test_watch_readers(tmp_path: Path) -> None:
@@ -428,7 +431,7 @@ def test_watch_shows_rollout_traffic_decision_and_drift(
         for name in ("Open Dagster", "Open MLflow")
     }
     assert links == {"http://127.0.0.1:3000", "http://127.0.0.1:5000"}
-    assert page.locator("img").count() >= 2  # the A/B results and the drift overview
+    page.locator("img").nth(1).wait_for()  # the A/B results and the drift overview
     screenshot(page, "app_watch")
     page.get_by_role("link", name="Predict").click()
     page.get_by_text("What is in this picture?").wait_for()
@@ -460,3 +463,21 @@ def test_triton_stopped_gets_its_message(
     page.get_by_role("link", name="Watch").click()
     page.get_by_text("Requests and feedback per version").wait_for()
     page_text(page)
+
+
+def test_feedback_reaches_the_labelled_drift_batch(triton_server: ServingEnv) -> None:
+    """The capture partitions of drift_report label the router's sampled pixels with feedback
+    (drift/incoming.py batch_from_capture): every image given feedback in the page whose pixels
+    were sampled arrives labelled. Stopping the server flushes the sampled pixels."""
+    from cifar_assets.drift.incoming import batch_from_capture
+    from cifar_assets.serving.capture import read_captured_inputs
+
+    triton_server.server.stop()
+    feedback = read_feedback(triton_server.capture_dir)
+    _, sampled_ids = read_captured_inputs(triton_server.capture_dir)
+    sampled = feedback[feedback["request_id"].isin(set(sampled_ids.astype(str)))]
+    batch = batch_from_capture(triton_server.capture_dir)
+    assert batch is not None
+    labelled = batch.labels[batch.labels >= 0]
+    assert sorted(labelled.tolist()) == sorted(sampled["label"].tolist())
+    print(f"{len(sampled)} of {len(feedback)} feedback labels reached the drift batch (sampled)")
