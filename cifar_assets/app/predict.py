@@ -1,9 +1,9 @@
-"""One prediction through the A/B router, feedback on it, and what to tell a person when the
-prediction service cannot answer.
+"""One prediction through the A/B router, and what to tell a person when the prediction
+service cannot answer.
 
-Each image is its own request, so each gets its own request id (item 0), the id feedback is
-recorded under; the router captures the request before it answers, so feedback can follow at
-once.
+Each image is its own request, so each gets its own request id (item 0), the id its feedback is
+recorded under (``capture.record_feedback``); the router captures the request before it
+answers, so feedback can follow at once.
 """
 
 from __future__ import annotations

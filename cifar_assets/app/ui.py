@@ -232,6 +232,12 @@ def _rollout(config: AppConfig) -> None:
         )
     if state.get("stage"):
         st.write(f"Rollout stage: **{state['stage']}** (since {state.get('stage_started')}).")
+    if state.get("shadow"):
+        version, share = state["shadow"]
+        st.write(
+            f"Version {version} runs in shadow on {share:.0%} of the requests: its answers are "
+            "recorded for comparison, never shown."
+        )
     if view.problems:
         st.warning("MLflow, the router and Triton disagree:\n\n- " + "\n- ".join(view.problems))
     elif versions:
