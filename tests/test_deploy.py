@@ -178,5 +178,7 @@ def test_gpu_training_run_config_fits_main_job_and_the_k8s_executor() -> None:
     k8s = pytest.importorskip("dagster_k8s", reason="dagster-k8s is in the image, not the venv")
     from dagster._config import process_config
 
-    checked = process_config(k8s.k8s_job_executor.config_schema, run_config["execution"]["config"])
+    checked = process_config(
+        k8s.k8s_job_executor.config_schema.config_type, run_config["execution"]["config"]
+    )
     assert checked.success, checked.errors
