@@ -9,6 +9,7 @@ feedback click, sends nothing to Triton again) and the feedback given.
 
 from __future__ import annotations
 
+import re
 import secrets
 import uuid
 from collections.abc import Iterator
@@ -25,7 +26,14 @@ from cifar_assets.data.imageset import CLASSES
 from cifar_assets.serving.client import ServingError
 
 RANDOM_IMAGES = 6
+_MARKDOWN = re.compile(r"([\\`*_{}\[\]()<>#+\-.!|~$])")
 ZOOM = 4  # the 32x32 image is shown 4x larger, pixels kept sharp
+
+
+def plain(text: str) -> str:
+    """``text`` shown as it is: Streamlit renders strings as Markdown, and file names, server
+    messages and reasons may hold its characters."""
+    return _MARKDOWN.sub(r"\\\1", text)
 
 
 @contextmanager
@@ -35,8 +43,8 @@ def shown_errors(what: str) -> Iterator[None]:
         yield
     except Exception as error:
         st.error(
-            f"{what} could not be shown: {type(error).__name__}: {error}. Reload the page; if "
-            "this stays, tell the platform team."
+            f"{what} could not be shown: {plain(f'{type(error).__name__}: {error}')}. Reload "
+            "the page; if this stays, tell the platform team."
         )
 
 
@@ -120,13 +128,13 @@ def _card(config: AppConfig, key: str) -> None:
     prepared = state.prepared[key]
     with st.container(border=True):
         if isinstance(prepared, str):
-            st.error(prepared)
+            st.error(plain(prepared))
             return
         picture, answer = st.columns([1, 3])
         zoomed = prepared.pixels.repeat(ZOOM, axis=0).repeat(ZOOM, axis=1)
         picture.image(zoomed, caption="what the model sees (32x32)")
         with answer:
-            st.markdown(f"**{prepared.name}**")
+            st.markdown(f"**{plain(prepared.name)}**")
             if prepared.notes:
                 st.caption("Note: " + "; ".join(prepared.notes) + ".")
             if prepared.drawn_as:
@@ -187,7 +195,7 @@ def predict_page() -> None:
         f"is open. Feedback given this session: {len(state.feedback)}."
     )
     if state.feedback_error:
-        st.error(state.feedback_error)
+        st.error(plain(state.feedback_error))
     keys = _uploads() + _random_images()
     problem = service_problem(config.triton_url) or _predict_missing(config, keys)
     if problem is not None:
@@ -207,7 +215,7 @@ def _rollout(config: AppConfig) -> None:
     st.subheader("Live rollout")
     view = lifecycle(config)
     if view.state is None:
-        st.warning(view.error)
+        st.warning(plain(view.error or ""))
         return
     state = view.state
     roles = {state["champion"]: "champion", state["challenger"]: "challenger"}
@@ -239,7 +247,8 @@ def _rollout(config: AppConfig) -> None:
             "recorded for comparison, never shown."
         )
     if view.problems:
-        st.warning("MLflow, the router and Triton disagree:\n\n- " + "\n- ".join(view.problems))
+        listing = "\n- ".join(plain(problem) for problem in view.problems)
+        st.warning(f"MLflow, the router and Triton disagree:\n\n- {listing}")
     elif versions:
         st.success("MLflow, the router and Triton agree.")
     if view.transitions:
@@ -301,7 +310,7 @@ def _ab_decision(config: AppConfig) -> None:
         f"**{report.decision}** (version {report.treatment} against {report.control}, "
         f"report of {report.written_at:%Y-%m-%d %H:%M} UTC)"
     )
-    st.write(report.reason)
+    st.write(plain(report.reason))
     if report.picture is not None:
         st.image(str(report.picture))
 
@@ -326,7 +335,7 @@ def _drift(config: AppConfig) -> None:
             f"{report.written_at:%Y-%m-%d %H:%M} UTC)"
         )
         if report.moved_features:
-            st.caption("Moved features: " + ", ".join(report.moved_features))
+            st.caption("Moved features: " + plain(", ".join(report.moved_features)))
         for picture in report.pictures:
             st.image(str(picture))
 
