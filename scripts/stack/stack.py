@@ -174,14 +174,16 @@ def _start_time(pid: int) -> str | None:
     return None if fields[0] == "Z" else fields[19]
 
 
-def spawn(stack: Stack, service: str, command: list[str]) -> None:
+def spawn(
+    stack: Stack, service: str, command: list[str], extra_env: dict[str, str] | None = None
+) -> None:
     stack.log(service).parent.mkdir(parents=True, exist_ok=True)
     stack.pid_file(service).parent.mkdir(parents=True, exist_ok=True)
     with stack.log(service).open("ab") as log:
         process = subprocess.Popen(  # noqa: S603 - fixed argv of the stack's own services, no shell
             command,
             cwd=ROOT,
-            env=stack.process_env(),
+            env=stack.process_env() | (extra_env or {}),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
@@ -381,30 +383,27 @@ def mlflow_start(stack: Stack) -> None:
     password = stack.password()
     artifacts = stack.dir / "mlflow-artifacts"
     artifacts.mkdir(parents=True, exist_ok=True)
-    env_uri = f"postgresql+psycopg2://{PG_USER}:{password}@{HOST}:{stack.pg_port}/mlflow"
-    # The backend URI (with the password) goes through the environment, not argv: argv is
-    # world-readable in /proc.
-    os.environ["MLFLOW_BACKEND_STORE_URI"] = env_uri
-    try:
-        spawn(
-            stack,
-            "mlflow",
-            [
-                str(BIN / "mlflow"),
-                "server",
-                "--host",
-                HOST,
-                "--port",
-                str(stack.mlflow_port),
-                "--serve-artifacts",
-                "--artifacts-destination",
-                str(artifacts),
-                "--workers",
-                "2",
-            ],
-        )
-    finally:
-        del os.environ["MLFLOW_BACKEND_STORE_URI"]
+    backend = f"postgresql+psycopg2://{PG_USER}:{password}@{HOST}:{stack.pg_port}/mlflow"
+    spawn(
+        stack,
+        "mlflow",
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--host",
+            HOST,
+            "--port",
+            str(stack.mlflow_port),
+            "--serve-artifacts",
+            "--artifacts-destination",
+            str(artifacts),
+            "--workers",
+            "1",
+        ],
+        # the backend URI holds the password: through the environment, since argv is
+        # world-readable in /proc
+        extra_env={"MLFLOW_BACKEND_STORE_URI": backend},
+    )
 
 
 def mlflow_ready(stack: Stack) -> bool:
@@ -650,8 +649,17 @@ def up(stack: Stack) -> dict[str, float]:
 
 
 def down(stack: Stack) -> None:
-    for name in reversed(SERVICES):
-        stop_service(stack, name)
+    """Signal every process the script started at once (each takes seconds to drain), wait for
+    them, then stop Triton and, last, PostgreSQL."""
+    own = [name for name in reversed(SERVICES) if name not in ("triton", "postgres")]
+    for name in own:
+        pid = running_pid(stack, name)
+        if pid is not None:
+            os.killpg(pid, signal.SIGTERM)
+    for name in own:
+        terminate(stack, name)
+    stop_service(stack, "triton")
+    stop_service(stack, "postgres")
 
 
 def status(stack: Stack) -> dict[str, bool]:
