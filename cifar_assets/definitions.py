@@ -20,10 +20,11 @@ from cifar_assets.jobs import (
     promotion_job,
     retraining_job,
     rollback_job,
+    rollout_job,
 )
 from cifar_assets.resources import LocalStorageIOManager, MLflowResource, TritonResource
 from cifar_assets.schedules import daily_drift_schedule
-from cifar_assets.sensors import drift_retraining_sensor, incoming_batch_sensor
+from cifar_assets.sensors import drift_retraining_sensor, incoming_batch_sensor, rollout_sensor
 
 defs = dg.Definitions(
     assets=[
@@ -46,9 +47,17 @@ defs = dg.Definitions(
         monitoring_assets.ab_test_report,
     ],
     asset_checks=[*DATA_CHECKS, serving_assets.serving_follows_registry],
-    jobs=[data_job, main_job, drift_check_job, retraining_job, promotion_job, rollback_job],
+    jobs=[
+        data_job,
+        main_job,
+        drift_check_job,
+        retraining_job,
+        promotion_job,
+        rollback_job,
+        rollout_job,
+    ],
     schedules=[daily_drift_schedule],
-    sensors=[incoming_batch_sensor, drift_retraining_sensor],
+    sensors=[incoming_batch_sensor, drift_retraining_sensor, rollout_sensor],
     resources={
         "io_manager": LocalStorageIOManager(),
         "mlflow": MLflowResource(),

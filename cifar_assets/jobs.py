@@ -48,6 +48,16 @@ retraining_job = dg.define_asset_job(
 )
 
 
+rollout_job = dg.define_asset_job(
+    name="rollout_job",
+    selection=dg.AssetSelection.assets("ab_test_report"),
+    config={"ops": {"ab_test_report": {"config": {"apply_rollout": True}}}},
+    description="Judge the running stage of a staged rollout on the captured traffic and carry "
+    "out the verdict (next stage, promotion, or rollback); rollout_sensor launches it.",
+    tags={"purpose": "rollout"},
+)
+
+
 class PromotionConfig(dg.Config):
     action: Literal["apply_decision", "promote", "rollback"] = Field(
         default="apply_decision",

@@ -12,8 +12,8 @@ from typing import Any
 import dagster as dg
 
 from cifar_assets.assets.monitoring_assets import INCOMING_PARTITIONS, incoming_batches
-from cifar_assets.jobs import drift_check_job, retraining_job
-from cifar_assets.resources import stored_value_path
+from cifar_assets.jobs import drift_check_job, retraining_job, rollout_job
+from cifar_assets.resources import MLflowResource, TritonResource, rollout_for, stored_value_path
 from cifar_assets.settings import get_settings
 
 ACTIVE_STATUSES = [
@@ -330,3 +330,40 @@ def _ended_status(instance: dg.DagsterInstance, run_id: str) -> str | None:
 )
 def drift_retraining_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
     return evaluate_retraining(context)
+
+
+@dg.sensor(
+    job=rollout_job,
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Advances a staged rollout without a human: when the running stage has the "
+    "traffic its gates need, launches rollout_job, which judges the stage and moves to the next "
+    "one, promotes, or rolls back.",
+)
+def rollout_sensor(
+    context: dg.SensorEvaluationContext, mlflow: MLflowResource, triton: TritonResource
+) -> dg.SensorResult:
+    from cifar_assets.serving.gates import judge_stage
+    from cifar_assets.serving.rollout import FIXED
+
+    server = triton.server_config()
+    state = rollout_for(mlflow, server).state()
+    if state.stage in (None, FIXED):
+        return dg.SensorResult(skip_reason="No staged rollout is running.")
+    active = context.instance.get_runs(
+        filters=dg.RunsFilter(job_name=rollout_job.name, statuses=ACTIVE_STATUSES), limit=1
+    )
+    if active:
+        return dg.SensorResult(skip_reason=f"rollout_job run {active[0].run_id} is judging.")
+    judgement = judge_stage(state, server.capture_dir)
+    if judgement.action == "hold":
+        return dg.SensorResult(skip_reason=f"{judgement.stage}: {judgement.reason}")
+    context.log.info(f"{judgement.stage}: {judgement.action} ({judgement.reason})")
+    return dg.SensorResult(
+        run_requests=[
+            dg.RunRequest(
+                run_key=f"rollout-v{state.challenger}-{state.stage}-{state.stage_started}",
+                tags={"cifar/stage": judgement.stage, "cifar/verdict": judgement.action},
+            )
+        ]
+    )

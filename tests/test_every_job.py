@@ -5,7 +5,7 @@ data_job on an image folder with unequal classes and mixed formats; main_job wit
 quickstart's config (v1, champion, served) and again with a smaller recipe (v2: the gate keeps
 the champion, so v2 serves as challenger); drift_check_job on a dropped batch; retraining_job
 with the run config the drift sensor builds (v3 replaces v2 as challenger); promotion_job and
-rollback_job. The job list comes from the definitions: a job added without a run here fails.
+rollback_job; rollout_job. The job list comes from the definitions: a job added without a run here fails.
 After every job, MLflow's aliases, Triton's live versions and the router's weights agree.
 """
 
@@ -38,6 +38,7 @@ JOBS_RUN_HERE = [
     "retraining_job",
     "promotion_job",
     "rollback_job",
+    "rollout_job",
 ]
 
 
@@ -247,23 +248,16 @@ def run_every_job(env: dict[str, str], tmp_path: Path) -> None:
     for user in range(60):
         infer_ab(batch.images[user : user + 1], user_id=f"u{user}", url=url)
     time.sleep(2)  # the router writes its capture within a second
-    materialize = subprocess.run(
-        [
-            str(PROJECT_ROOT / "scripts" / "dagster"),
-            "asset",
-            "materialize",
-            "-m",
-            "cifar_assets.definitions",
-            "--select",
-            "ab_test_report",
-        ],
-        cwd=PROJECT_ROOT,
-        env=subprocess_env(env),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert materialize.returncode == 0, materialize.stderr[-4000:]
+    # rollout_job: the A/B report as rollout_sensor launches it (no staged rollout runs here,
+    # so it reports and moves nothing).
+    execute(env, "rollout_job")
+    with dg.DagsterInstance.from_config(home) as instance:
+        report = instance.get_latest_materialization_event(dg.AssetKey("ab_test_report"))
+        assert report is not None and report.asset_materialization is not None
+        assert report.asset_materialization.metadata["control"].value == 1
+        assert report.asset_materialization.metadata["treatment"].value == 3
+        assert "stage" not in report.asset_materialization.metadata
+    assert whole_state()["weights"] == {1: 0.8, 3: 0.2}
     promote = {"apply_ab_outcome": {"config": {"action": "promote", "reason": "manual review"}}}
     execute(env, "promotion_job", config_file(tmp_path, "promote", promote))
     assert whole_state() == {

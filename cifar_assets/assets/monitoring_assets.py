@@ -18,7 +18,7 @@ from cifar_assets.artifacts import (
 )
 from cifar_assets.assets.metadata import image, table
 from cifar_assets.data.imageset import ImageSet, Splits
-from cifar_assets.resources import MLflowResource, TritonResource
+from cifar_assets.resources import MLflowResource, TritonResource, rollout_for
 from cifar_assets.settings import get_settings
 
 MONITORING_GROUP = "monitoring"
@@ -259,16 +259,23 @@ class ABTestConfig(dg.Config):
     min_effect: float = Field(
         default=0.02, description="Accuracy difference the fixed-horizon sample size targets."
     )
+    apply_rollout: bool = Field(
+        default=False,
+        description="While a staged rollout runs, carry out its stage's verdict through the "
+        "rollout: advance to the next stage (the last promotes) or roll the challenger back. "
+        "rollout_sensor sets this; a materialization from the UI only reports.",
+    )
 
 
 @dg.asset(
     group_name=MONITORING_GROUP,
     kinds={"triton", "scipy"},
     owners=["team:ml-platform"],
-    code_version="1",
+    code_version="2",
     description="The running A/B test from captured traffic and feedback: per-version requests, "
     "accuracy with confidence intervals, latency p50/p95, a sample-ratio-mismatch check, an "
-    "always-valid sequential test, and a decision (promote, keep_testing, rollback).",
+    "always-valid sequential test, and a decision (promote, keep_testing, rollback); during a "
+    "staged rollout, also the stage's gates and verdict (advance, hold, rollback).",
 )
 def ab_test_report(
     context: dg.AssetExecutionContext,
@@ -281,74 +288,140 @@ def ab_test_report(
 
     import pandas as pd
 
-    from cifar_assets.drift.ab_stats import ab_results_png, analyse_ab
-    from cifar_assets.ml import tracking
-    from cifar_assets.serving import repository
-    from cifar_assets.serving.capture import read_capture, read_feedback
+    from cifar_assets.serving.gates import act, judge_stage
+    from cifar_assets.serving.rollout import FIXED
 
     server = triton.server_config()
-    weights = repository.read_ab_weights(server.state_dir)
-    if len(weights) != 2:
+    rollout = rollout_for(mlflow, server)
+    state = rollout.state()
+    weights = {v: w for v, w in state.weights.items() if w > 0}
+    staged = state.stage not in (None, FIXED)
+    if len(weights) != 2 and not staged:
         raise dg.Failure(
-            f"No A/B test is running: the router's weights are {weights or 'unset'}. Deploy a "
-            "challenger (triton_deployment with role=challenger) first."
+            f"No A/B test is running: the router's weights are {weights or 'unset'} and no "
+            "staged rollout runs. Deploy a challenger (retraining_job, or main_job when the gate "
+            "keeps the champion) first."
         )
+    out_dir = get_settings().storage_dir / "ab_test_report"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metadata: dict[str, Any] = {}
+    files: list[Path] = []
+    if len(weights) == 2:
+        summary, ab_metadata, files = _ab_analysis(config, server.capture_dir, weights, out_dir)
+        metadata |= ab_metadata
+    else:
+        summary = ABTestSummary(state.champion or 0, state.challenger or 0, "keep_testing", "")
+    if staged:
+        judgement = judge_stage(state, server.capture_dir)
+        gates = pd.DataFrame([vars(gate) for gate in judgement.gates]) if judgement.gates else None
+        metadata |= {
+            "stage": judgement.stage,
+            "stage_action": judgement.action,
+            "stage_reason": judgement.reason,
+            "stage_evidence": dg.MetadataValue.json(judgement.evidence),
+        }
+        if gates is not None:
+            metadata["gates"] = table(gates)
+        stage_file = out_dir / "stage.json"
+        stage_file.write_text(json.dumps(judgement.to_dict(), indent=2, default=str) + "\n")
+        files.append(stage_file)
+        summary = ABTestSummary(
+            summary.control,
+            summary.treatment,
+            summary.decision,
+            summary.reason,
+            {**summary.details, "stage": judgement.to_dict()},
+        )
+        if config.apply_rollout:
+            transition = act(rollout, judgement, actor=f"dagster run {context.run_id}")
+            metadata["transition"] = transition.action if transition else "none"
+        context.log.info(f"Stage {judgement.stage}: {judgement.action}: {judgement.reason}")
+    metadata["mlflow_run"] = dg.MetadataValue.url(
+        _log_ab_run(context, config, mlflow, summary, weights, metadata, files)
+    )
+    return dg.Output(summary, metadata=metadata)
+
+
+def _ab_analysis(
+    config: ABTestConfig, capture_dir: Path, weights: dict[int, float], out_dir: Path
+) -> tuple[ABTestSummary, dict[str, Any], list[Path]]:
+    """The A/B comparison of the two weighted versions on the capture joined with feedback."""
+    import json
+
+    import pandas as pd
+
+    from cifar_assets.drift.ab_stats import ab_results_png, analyse_ab
+    from cifar_assets.serving.capture import read_capture, read_feedback
+
     # the control is the version with more traffic (on a 50/50 split, the older one)
     control, treatment = sorted(weights, key=lambda v: (-weights[v], v))
-    capture = read_capture(server.capture_dir)
-    feedback = read_feedback(server.capture_dir)[["request_id", "item", "label"]]
+    capture = read_capture(capture_dir)
+    feedback = read_feedback(capture_dir)[["request_id", "item", "label"]]
     records = capture.merge(feedback, on=["request_id", "item"], how="left")
     records["correct"] = (records["predicted_class"] == records["label"]).where(
         records["label"].notna()
     )
     records = records[records["served_version"].isin(list(weights))]
     report = analyse_ab(records, weights, control, treatment, config.alpha, config.min_effect)
-    out_dir = get_settings().storage_dir / "ab_test_report"
-    out_dir.mkdir(parents=True, exist_ok=True)
     plot = ab_results_png(report, out_dir / "ab_results.png")
     per_version = pd.DataFrame(
         [{"version": v, **vars(s)} for v, s in report.versions.items()]
     ).round(4)
-    context.log.info(f"A/B v{control} vs v{treatment}: {report.decision}: {report.reason}")
     report_file = out_dir / "ab_report.json"
     report_file.write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
-    version_metrics: dict[str, float | None] = {}
-    for version, stats in report.versions.items():
+    metadata = {
+        "decision": report.decision,
+        "reason": report.reason,
+        "control": control,
+        "treatment": treatment,
+        "srm_p_value": report.srm.p_value,
+        "sequential_p_value": report.accuracy_test.p_value,
+        "fixed_horizon_n_per_arm": report.fixed_horizon_n_per_arm,
+        "per_version": table(per_version),
+        "ab_results": image(plot, "A/B results"),
+    }
+    summary = ABTestSummary(control, treatment, report.decision, report.reason, report.to_dict())
+    return summary, metadata, [report_file, plot]
+
+
+def _log_ab_run(
+    context: dg.AssetExecutionContext,
+    config: ABTestConfig,
+    mlflow: MLflowResource,
+    summary: ABTestSummary,
+    weights: dict[int, float],
+    metadata: dict[str, Any],
+    files: list[Path],
+) -> str:
+    """The report as a finished MLflow run in the monitoring experiment; returns its URL."""
+    from cifar_assets.ml import tracking
+
+    context.log.info(
+        f"A/B v{summary.control} vs v{summary.treatment}: {summary.decision}: {summary.reason}"
+    )
+    metrics: dict[str, float | None] = {}
+    for version, stats in summary.details.get("versions", {}).items():
         for key in ("requests", "share", "n_feedback", "accuracy", "latency_p50_ms"):
-            version_metrics[f"v{version}_{key}"] = getattr(stats, key)
+            metrics[f"v{version}_{key}"] = stats.get(key)
+    for key in ("srm_p_value", "sequential_p_value", "fixed_horizon_n_per_arm"):
+        if key in metadata:
+            metrics[key] = float(metadata[key])
     run_id = tracking.log_monitoring_run(
         mlflow.uri(),
         mlflow.registered_model_name(),
-        run_name=f"ab-v{control}-vs-v{treatment}",
+        run_name=f"ab-v{summary.control}-vs-v{summary.treatment}",
         tags={
             "kind": "ab_test",
-            "control": control,
-            "treatment": treatment,
-            "decision": report.decision,
+            "control": summary.control,
+            "treatment": summary.treatment,
+            "decision": summary.decision,
+            "stage": metadata.get("stage", "none"),
+            "stage_action": metadata.get("stage_action", "none"),
             "dagster_run_id": context.run_id,
         },
         params={"alpha": config.alpha, "min_effect": config.min_effect, "weights": weights},
-        metrics={
-            "srm_p_value": report.srm.p_value,
-            "sequential_p_value": report.accuracy_test.p_value,
-            "fixed_horizon_n_per_arm": report.fixed_horizon_n_per_arm,
-            **version_metrics,
-        },
-        files=[report_file, plot],
+        metrics=metrics,
+        files=files,
         artifact_location=mlflow.artifact_location(),
     )
-    return dg.Output(
-        ABTestSummary(control, treatment, report.decision, report.reason, report.to_dict()),
-        metadata={
-            "decision": report.decision,
-            "reason": report.reason,
-            "control": control,
-            "treatment": treatment,
-            "srm_p_value": report.srm.p_value,
-            "sequential_p_value": report.accuracy_test.p_value,
-            "fixed_horizon_n_per_arm": report.fixed_horizon_n_per_arm,
-            "per_version": table(per_version),
-            "ab_results": image(plot, "A/B results"),
-            "mlflow_run": dg.MetadataValue.url(tracking.run_url(mlflow.uri(), run_id)),
-        },
-    )
+    return tracking.run_url(mlflow.uri(), run_id)

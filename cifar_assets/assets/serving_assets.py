@@ -4,6 +4,7 @@ and the check that serving follows the registry. Every move of aliases and traff
 :mod:`cifar_assets.serving.rollout`."""
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dagster as dg
 from pydantic import Field
@@ -11,6 +12,9 @@ from pydantic import Field
 from cifar_assets.artifacts import OnnxModel, RegisteredModel, TritonDeployment
 from cifar_assets.data.imageset import Splits
 from cifar_assets.resources import MLflowResource, TritonResource, rollout_for
+
+if TYPE_CHECKING:
+    from cifar_assets.serving.rollout import RolloutPlan
 
 SERVING_GROUP = "serving"
 
@@ -22,6 +26,30 @@ class DeploymentConfig(dg.Config):
         lt=0.5,
         description="Router traffic for a challenger (the gate kept the champion); the "
         "champion keeps the rest.",
+    )
+    staged_rollout: bool = Field(
+        default=False,
+        description="Roll a challenger out in stages instead of a fixed share: shadow (it "
+        "answers mirrored requests that nobody sees), then each canary step, then promotion; "
+        "every stage is judged by gates on the captured traffic, a failed gate rolls it back, "
+        "and rollout_sensor advances it.",
+    )
+    shadow_requests: int = Field(
+        default=200, ge=0, description="Mirrored requests the shadow stage needs (0: none)."
+    )
+    canary_steps: list[float] = Field(
+        default=[0.05, 0.25, 0.5],
+        description="Canary weights of the challenger, in order, each judged before the next.",
+    )
+    min_requests_per_step: int = Field(
+        default=100, ge=1, description="Challenger requests a canary stage needs to be judged."
+    )
+    max_error_rate: float = Field(default=0.01, ge=0, le=1, description="Gate: error rate.")
+    max_p95_latency_ratio: float = Field(
+        default=1.5, gt=0, description="Gate: challenger p95 / champion p95."
+    )
+    min_shadow_agreement: float = Field(
+        default=0.8, ge=0, le=1, description="Gate: top-1 agreement with the champion in shadow."
     )
     use_int8: bool = Field(
         default=False,
@@ -89,6 +117,7 @@ def triton_deployment(
         reason=registered_model.decision_reason,
         actor=f"dagster run {context.run_id}",
         challenger_share=config.challenger_share,
+        plan=_plan(config),
     )
     after = transition.after
     context.log.info(f"v{version} serves as {role}: weights {after['weights']}")
@@ -110,6 +139,7 @@ def triton_deployment(
             **transition.evidence,
             "served_precision": precision,
             "served_file": dg.MetadataValue.path(str(onnx_path)),
+            "stage": after["stage"] or "none",
             "rollout_journal": dg.MetadataValue.path(str(rollout.journal_path)),
             "http_url": dg.MetadataValue.url(
                 f"http://{server.config.http_url}/v2/models/{repository.MODEL_NAME}"
@@ -117,6 +147,21 @@ def triton_deployment(
             ),
             "grpc_url": server.config.grpc_url,
         },
+    )
+
+
+def _plan(config: DeploymentConfig) -> "RolloutPlan | None":
+    from cifar_assets.serving.rollout import RolloutPlan
+
+    if not config.staged_rollout:
+        return None
+    return RolloutPlan(
+        shadow_requests=config.shadow_requests,
+        steps=tuple(config.canary_steps),
+        min_requests=config.min_requests_per_step,
+        max_error_rate=config.max_error_rate,
+        max_p95_latency_ratio=config.max_p95_latency_ratio,
+        min_shadow_agreement=config.min_shadow_agreement,
     )
 
 

@@ -9,6 +9,12 @@ ab_router_model.py``) and by :func:`record_feedback`; every file is append-only 
                                       written before the router answers the request
     inputs/<utc-start>-<pid>-<n>.npz  sampled pixels: images uint8 (N, 32, 32, 3), request_ids
     feedback.jsonl                    time, request_id, item, label
+    shadow/<utc-start>-<pid>.jsonl    mirrored requests run on the shadow version: time,
+                                      request_id, item, shadow_version, champion_version,
+                                      champion_class, predicted_class, model_cpu_ms and
+                                      champion_model_cpu_ms (per image), error
+    errors/<utc-start>-<pid>.jsonl    requests a version failed to answer: time, request_id,
+                                      served_version, error
 """
 
 from __future__ import annotations
@@ -27,6 +33,21 @@ if TYPE_CHECKING:
 
 RECORDS_DIR = "records"
 INPUTS_DIR = "inputs"
+SHADOW_DIR = "shadow"
+ERRORS_DIR = "errors"
+SHADOW_COLUMNS = (
+    "time",
+    "request_id",
+    "item",
+    "shadow_version",
+    "champion_version",
+    "champion_class",
+    "predicted_class",
+    "model_cpu_ms",
+    "champion_model_cpu_ms",
+    "error",
+)
+ERROR_COLUMNS = ("time", "request_id", "served_version", "error")
 FEEDBACK_FILE = "feedback.jsonl"
 CAPTURE_COLUMNS = (
     "time",
@@ -99,42 +120,58 @@ def record_feedback(capture_dir: Path, request_id: str, label: int | str, item: 
     """Append the true ``label`` (0..9 or a class name) of image ``item`` of a captured request.
 
     The request must be in the capture: feedback for an unknown id would never join. The last
-    feedback recorded for an image wins.
+    feedback recorded for an image wins. For many labels at once use :func:`record_feedbacks`,
+    which reads the capture once.
     """
+    record_feedbacks(capture_dir, [(request_id, label, item)])
+
+
+def _label_index(request_id: str, label: int | str) -> int:
     if isinstance(label, str):
         if label not in CLASSES:
             raise CaptureError(
                 f"Feedback label {label!r} for request {request_id!r} is not a CIFAR-10 class; "
                 f"use one of {list(CLASSES)} or its index 0..9."
             )
-        label = CLASSES.index(label)
+        return CLASSES.index(label)
     if isinstance(label, bool) or not isinstance(label, int | np.integer) or not 0 <= label <= 9:
         raise CaptureError(
             f"Feedback label {label!r} for request {request_id!r} is not a class index 0..9 "
             f"(or a class name such as {CLASSES[0]!r})."
         )
+    return int(label)
+
+
+def record_feedbacks(capture_dir: Path, feedback: list[tuple[str, int | str, int]]) -> None:
+    """Append ``(request_id, label, item)`` feedbacks, all checked against the capture (read
+    once) before any is written: one bad entry writes none."""
+    checked = [
+        (request_id, _label_index(request_id, label), item) for request_id, label, item in feedback
+    ]
     capture = read_capture(capture_dir)
-    match = capture[capture["request_id"] == request_id]
-    if match.empty:
-        raise CaptureError(
-            f"Request id {request_id!r} is not in the capture under {capture_dir}; send the "
-            "request through the router (cifar10_ab) with that id (the router writes its "
-            "record before it answers)."
-        )
-    if item not in set(match["item"]):
-        raise CaptureError(
-            f"Request {request_id!r} has items {sorted(match['item'])}, not {item}; give the "
-            "index of the image within its request."
-        )
-    line = {
-        "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
-        "request_id": request_id,
-        "item": int(item),
-        "label": int(label),
-    }
+    items: dict[str, set[int]] = {}
+    for request_id, item in zip(capture["request_id"], capture["item"], strict=True):
+        items.setdefault(request_id, set()).add(int(item))
+    for request_id, _, item in checked:
+        if request_id not in items:
+            raise CaptureError(
+                f"Request id {request_id!r} is not in the capture under {capture_dir}; send the "
+                "request through the router (cifar10_ab) with that id (the router writes its "
+                "record before it answers)."
+            )
+        if item not in items[request_id]:
+            raise CaptureError(
+                f"Request {request_id!r} has items {sorted(items[request_id])}, not {item}; give "
+                "the index of the image within its request."
+            )
+    now = datetime.now(UTC).isoformat(timespec="milliseconds")
+    lines = "".join(
+        json.dumps({"time": now, "request_id": r, "item": int(i), "label": label}) + "\n"
+        for r, label, i in checked
+    )
     path = Path(capture_dir) / FEEDBACK_FILE
     with path.open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps(line) + "\n")
+        handle.write(lines)
 
 
 def read_feedback(capture_dir: Path) -> pd.DataFrame:
@@ -160,3 +197,23 @@ def join_feedback(capture_dir: Path) -> pd.DataFrame:
     )
     joined["correct"] = joined["predicted_class"] == joined["label"]
     return joined
+
+
+def _read_folder(folder: Path, columns: tuple[str, ...]) -> pd.DataFrame:
+    import pandas as pd
+
+    rows = [row for path in sorted(folder.glob("*.jsonl")) for row in _read_jsonl(path)]
+    frame = pd.DataFrame(rows, columns=list(columns))
+    frame["time"] = pd.to_datetime(frame["time"], utc=True, format="ISO8601")
+    return frame.sort_values("time", kind="stable").reset_index(drop=True)
+
+
+def read_shadow(capture_dir: Path) -> pd.DataFrame:
+    """The shadow version's answers to mirrored requests (columns SHADOW_COLUMNS), oldest first;
+    ``predicted_class`` is missing where ``error`` says why it failed."""
+    return _read_folder(Path(capture_dir) / SHADOW_DIR, SHADOW_COLUMNS)
+
+
+def read_errors(capture_dir: Path) -> pd.DataFrame:
+    """Requests a version failed to answer (columns ERROR_COLUMNS), oldest first."""
+    return _read_folder(Path(capture_dir) / ERRORS_DIR, ERROR_COLUMNS)

@@ -1,9 +1,14 @@
-"""``cifar-triton``: start, stop and inspect the local Triton server, and steer its traffic.
+"""``cifar-triton``: start, stop and inspect the local Triton server, and move the model's
+lifecycle through the rollout (cifar_assets.serving.rollout), never around it.
 
     cifar-triton start [--http-port P --grpc-port P --metrics-port P --repo DIR] [--foreground]
-    cifar-triton stop | status
-    cifar-triton live 3 4            serve exactly versions 3 and 4 of cifar10_resnet18
-    cifar-triton weights 3=0.9 4=0.1 split the A/B router's traffic
+    cifar-triton stop | status       status: the server, and the lifecycle with any disagreement
+                                     between MLflow, the router, Triton and the journal
+    cifar-triton promote 3 --reason "..."   make v3 champion (it must have passed its check)
+    cifar-triton rollback --reason "..."    the previous champion comes back
+    cifar-triton retire 4 --reason "..."    the challenger v4 leaves the aliases and serving
+    cifar-triton step --reason "..."        advance a staged rollout by one stage
+    cifar-triton reconcile                  finish a crashed transition, or follow MLflow
     cifar-triton router bls          how the router runs versions (inprocess | bls); kept
     cifar-triton native [--out DIR] [VERSION ...]  copy for the NGC onnxruntime backend
 
@@ -14,6 +19,7 @@ Defaults come from ``cifar_assets.settings`` (TRITON_* variables, CIFAR_VAR_DIR)
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import signal
 import sys
@@ -30,6 +36,7 @@ from cifar_assets.serving.launcher import (
     server_status,
     stop_and_clean,
 )
+from cifar_assets.serving.rollout import Rollout, RolloutError, Transition
 from cifar_assets.settings import get_settings
 
 
@@ -46,10 +53,12 @@ def _parser() -> argparse.ArgumentParser:
         "--foreground", action="store_true", help="stay attached; stop on Ctrl-C or SIGTERM"
     )
     start.add_argument("--ready-timeout", type=float, default=120.0, help="seconds (120)")
-    live = commands.add_parser("live", help="set the live versions of cifar10_resnet18")
-    live.add_argument("versions", type=int, nargs="+")
-    weights = commands.add_parser("weights", help="set the A/B weights, e.g. 3=0.9 4=0.1")
-    weights.add_argument("shares", nargs="+", metavar="VERSION=WEIGHT")
+    for name, help_text in LIFECYCLE_COMMANDS.items():
+        command = commands.add_parser(name, help=help_text)
+        if name in ("promote", "retire"):
+            command.add_argument("version", type=int)
+        if name != "reconcile":
+            command.add_argument("--reason", required=True, help="kept in the journal")
     router = commands.add_parser(
         "router", help="reload the A/B router in another execution mode (kept across restarts)"
     )
@@ -75,17 +84,64 @@ def _config(args: argparse.Namespace) -> TritonConfig:
     return TritonConfig.from_settings(**overrides)
 
 
-def _parse_shares(shares: list[str]) -> dict[int, float]:
-    weights: dict[int, float] = {}
-    for share in shares:
-        version, _, weight = share.partition("=")
-        try:
-            weights[int(version)] = float(weight)
-        except ValueError:
-            raise repository.RepositoryError(
-                f"{share!r} is not VERSION=WEIGHT; write e.g. `cifar-triton weights 3=0.9 4=0.1`."
-            ) from None
-    return weights
+LIFECYCLE_COMMANDS = {
+    "promote": "make a version champion, with the champion's traffic",
+    "rollback": "give the champion alias and traffic back to the previous champion",
+    "retire": "take a challenger out of the aliases and out of serving",
+    "step": "advance the staged rollout by one stage",
+    "reconcile": "finish a transition a crash left, or bring serving to MLflow's aliases",
+}
+
+
+def _rollout(config: TritonConfig) -> Rollout:
+    settings = get_settings()
+    return Rollout(
+        tracking_uri=settings.mlflow_tracking_uri,
+        model_name=settings.registered_model_name,
+        triton=config.http_url,
+        repo=config.repo,
+        state_dir=config.state_dir,
+    )
+
+
+def _lifecycle(args: argparse.Namespace, config: TritonConfig) -> int:
+    if not server_status(config).ready:
+        raise TritonLaunchError(
+            f"Triton is not ready at {config.http_url}; start it with `cifar-triton start`."
+        )
+    rollout = _rollout(config)
+    actor = f"cifar-triton {args.command} ({getpass.getuser()})"
+    transition: Transition | None
+    if args.command == "promote":
+        transition = rollout.promote(args.version, reason=args.reason, actor=actor)
+    elif args.command == "rollback":
+        transition = rollout.rollback(reason=args.reason, actor=actor)
+    elif args.command == "retire":
+        transition = rollout.retire(args.version, reason=args.reason, actor=actor)
+    elif args.command == "step":
+        transition = rollout.step(reason=args.reason, actor=actor)
+    else:
+        transition = rollout.reconcile(actor=actor)
+    if transition is None:
+        print("MLflow, the router and Triton already agree: nothing to do")
+    else:
+        print(json.dumps({"action": transition.action, "after": transition.after}, indent=2))
+    problems = rollout.check(server_ready=rollout.server_ready)
+    for problem in problems:
+        print(f"disagreement: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def _lifecycle_status(config: TritonConfig) -> dict[str, object]:
+    """The lifecycle part of ``status``: the state, and every disagreement found."""
+    rollout = _rollout(config)
+    ready = server_status(config).ready
+    try:
+        state = rollout.state().to_dict()
+        problems = rollout.check(server_ready=rollout.server_ready if ready else None)
+    except (RolloutError, OSError, ValueError) as exc:
+        return {"error": str(exc)}
+    return {**state, "disagreements": problems}
 
 
 def _print_orphans(orphans: Orphans, config: TritonConfig) -> None:
@@ -103,7 +159,15 @@ def _start(config: TritonConfig, foreground: bool) -> int:
     print(f"tritonserver pid {server.pid} ready")
     print(f"  HTTP     {config.http_url}\n  gRPC     {config.grpc_url}")
     print(f"  metrics  {config.metrics_url}\n  log      {config.log_path}")
-    print(f"  live versions {status.live_versions or 'none (cifar-triton live N)'}")
+    print(f"  live versions {status.live_versions or 'none (main_job deploys the champion)'}")
+    # A transition that a crash cut short is finished now, before traffic arrives.
+    try:
+        transition = _rollout(config).reconcile(actor="cifar-triton start")
+    except (RolloutError, repository.RepositoryError) as exc:
+        print(f"  lifecycle not reconciled: {exc}", file=sys.stderr)
+    else:
+        if transition is not None:
+            print(f"  reconciled: {transition.action} -> {transition.after['weights']}")
     if not foreground:
         return 0
 
@@ -119,38 +183,25 @@ def _start(config: TritonConfig, foreground: bool) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command in ("live", "weights", "router"):
+        if args.command in LIFECYCLE_COMMANDS:
+            return _lifecycle(args, TritonConfig.from_settings())
+        if args.command == "router":
             config = TritonConfig.from_settings()
-            if args.command in ("live", "router"):
-                record = server_status(config)
-                if not record.running or record.http_url is None:
-                    raise TritonLaunchError(
-                        f"No tritonserver is running for {config.state_dir}; start it first "
-                        "with `cifar-triton start`."
-                    )
-            if args.command == "router":
-                repository.load_router(
-                    record.http_url,
-                    repo=Path(record.repo or config.repo),
-                    state_dir=config.state_dir,
-                    capture_dir=config.capture_dir,
-                    capture_input_sample_rate=config.capture_input_sample_rate,
-                    execution=args.execution,
+            record = server_status(config)
+            if not record.running or record.http_url is None:
+                raise TritonLaunchError(
+                    f"No tritonserver is running for {config.state_dir}; start it first "
+                    "with `cifar-triton start`."
                 )
-                print(f"router execution: {args.execution}")
-            elif args.command == "live":
-                versions = repository.set_live_versions(
-                    record.http_url,
-                    args.versions,
-                    repo=Path(record.repo or config.repo),
-                    state_dir=config.state_dir,
-                )
-                print(f"live versions: {versions}")
-            else:
-                weights = repository.set_ab_weights(
-                    _parse_shares(args.shares), state_dir=config.state_dir
-                )
-                print(f"A/B weights: {weights}")
+            repository.load_router(
+                record.http_url,
+                repo=Path(record.repo or config.repo),
+                state_dir=config.state_dir,
+                capture_dir=config.capture_dir,
+                capture_input_sample_rate=config.capture_input_sample_rate,
+                execution=args.execution,
+            )
+            print(f"router execution: {args.execution}")
             return 0
         if args.command == "native":
             settings = get_settings()
@@ -166,9 +217,10 @@ def main(argv: list[str] | None = None) -> int:
             _print_orphans(orphans, config)
             print("stopped" if running else "no tritonserver was running")
             return 0
-        print(json.dumps(asdict(server_status(config)), indent=2))
+        status = {**asdict(server_status(config)), "lifecycle": _lifecycle_status(config)}
+        print(json.dumps(status, indent=2, default=str))
         return 0
-    except (TritonLaunchError, repository.RepositoryError) as exc:
+    except (TritonLaunchError, repository.RepositoryError, RolloutError) as exc:
         print(f"cifar-triton {args.command}: {exc}", file=sys.stderr)
         return 1
 

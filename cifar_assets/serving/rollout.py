@@ -28,6 +28,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -40,7 +41,9 @@ from cifar_assets.ml import registry
 from cifar_assets.serving import repository
 
 JOURNAL_FILE = "rollout_journal.jsonl"
+FIXED, SHADOW, CANARY = "fixed", "shadow", "canary-"
 ROLLOUT_STATE_FILE = "rollout.json"
+SHADOW_FILE = "shadow.json"  # beside the router's weights file: the version it mirrors to
 LOCK_FILE = "rollout.lock"
 DEFAULT_CHALLENGER_SHARE = 0.1
 Role = Literal["champion", "challenger"]
@@ -48,6 +51,57 @@ Role = Literal["champion", "challenger"]
 
 class RolloutError(RuntimeError):
     """A transition that cannot be carried out as asked; nothing was changed by it."""
+
+
+@dataclass(frozen=True)
+class RolloutPlan:
+    """A staged rollout of a challenger: shadow until ``shadow_requests`` mirrored requests,
+    then each canary weight of ``steps`` in turn, then promotion. Every stage is judged by the
+    gates (cifar_assets.serving.gates) before the next; a failed gate retires the challenger."""
+
+    shadow_requests: int = 200  # mirrored requests the shadow stage needs (0: no shadow stage)
+    shadow_share: float = 1.0  # share of the champion's requests mirrored to the challenger
+    steps: tuple[float, ...] = (0.05, 0.25, 0.5)  # canary weights, each judged before the next
+    min_requests: int = 100  # challenger requests a canary stage needs before it is judged
+    max_error_rate: float = 0.01  # errors / requests of the challenger
+    max_p95_latency_ratio: float = 1.5  # challenger p95 / champion p95 (an SLO ratio)
+    min_shadow_agreement: float = 0.8  # top-1 agreement with the champion on mirrored requests
+    srm_alpha: float = 0.001  # sample ratio mismatch: chi-square p below this fails
+    accuracy_alpha: float = 0.05  # always-valid sequential test on labelled feedback
+    # Labelled requests per arm a stage waits for before it may advance (0: judge on whatever
+    # feedback exists; the accuracy test can still stop a worse challenger at any look).
+    min_labelled_per_arm: int = 0
+
+    def __post_init__(self) -> None:
+        if not all(0 < w <= 0.5 for w in self.steps) or list(self.steps) != sorted(self.steps):
+            raise RolloutError(
+                f"Rollout steps {list(self.steps)}: give increasing canary weights in (0, 0.5] "
+                "(the champion keeps the most traffic until the promotion)."
+            )
+        if self.shadow_requests < 0 or not 0 < self.shadow_share <= 1:
+            raise RolloutError(
+                f"shadow_requests={self.shadow_requests}, shadow_share={self.shadow_share}: use "
+                "a count >= 0 and a share in (0, 1]."
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        plan = asdict(self)
+        plan["steps"] = list(self.steps)
+        return plan
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> RolloutPlan:
+        return cls(**{**values, "steps": tuple(values.get("steps", cls.steps))})
+
+    def first_stage(self) -> str:
+        return SHADOW if self.shadow_requests > 0 else f"{CANARY}0"
+
+    def next_stage(self, stage: str) -> str | None:
+        """The stage after ``stage``; None when the next move is the promotion."""
+        if stage == SHADOW:
+            return f"{CANARY}0" if self.steps else None
+        index = int(stage.removeprefix(CANARY)) + 1
+        return f"{CANARY}{index}" if index < len(self.steps) else None
 
 
 @dataclass(frozen=True)
@@ -60,11 +114,27 @@ class LifecycleState:
     weights: dict[int, float]
     verified: list[int]
     challenger_share: float
+    shadow: tuple[int, float] | None = None  # (version, share) the router mirrors to
+    stage: str | None = None  # fixed | shadow | canary-<i>, while a challenger serves
+    stage_started: str | None = None
+    plan: RolloutPlan | None = None
 
     def to_dict(self) -> dict[str, Any]:
         state = asdict(self)
         state["weights"] = {str(v): w for v, w in sorted(self.weights.items())}
+        state["shadow"] = list(self.shadow) if self.shadow else None
+        state["plan"] = self.plan.to_dict() if self.plan else None
         return state
+
+    def desired(self) -> tuple[dict[int, float], tuple[int, float] | None]:
+        return desired_serving(
+            self.champion,
+            self.challenger,
+            self.verified,
+            self.challenger_share,
+            self.stage,
+            self.plan,
+        )
 
 
 @dataclass(frozen=True)
@@ -82,15 +152,27 @@ class Transition:
 
 
 def desired_serving(
-    champion: int | None, challenger: int | None, verified: list[int], challenger_share: float
-) -> dict[int, float]:
-    """The router weights that the aliases call for: champion and a verified challenger share
-    the traffic, nothing else gets any (empty while there is no servable champion)."""
+    champion: int | None,
+    challenger: int | None,
+    verified: list[int],
+    challenger_share: float,
+    stage: str | None = None,
+    plan: RolloutPlan | None = None,
+) -> tuple[dict[int, float], tuple[int, float] | None]:
+    """The router weights and shadow target that the aliases and the rollout stage call for:
+    the champion and a verified challenger share the traffic (the challenger's share set by the
+    stage), nothing else gets any; empty while there is no servable champion."""
     if champion is None or champion not in verified:
-        return {}
+        return {}, None
     if challenger is None or challenger == champion or challenger not in verified:
-        return {champion: 1.0}
-    return {champion: 1.0 - challenger_share, challenger: challenger_share}
+        return {champion: 1.0}, None
+    if stage == SHADOW and plan is not None:
+        return {champion: 1.0}, (challenger, plan.shadow_share)
+    if stage is not None and stage.startswith(CANARY) and plan is not None:
+        share = plan.steps[int(stage.removeprefix(CANARY))]
+    else:
+        share = challenger_share
+    return {champion: 1.0 - share, challenger: share}, None
 
 
 def _now() -> str:
@@ -122,35 +204,51 @@ class Rollout:
     # -----------------------------------------------------------------------------------------
     # Reading the state
 
-    def _aliases(self) -> dict[str, int]:
-        return registry.aliases(self.tracking_uri, self.model_name)
-
-    def _rollout_settings(self) -> dict[str, Any]:
+    def _settings(self) -> dict[str, Any]:
+        """What the rollout keeps besides MLflow and the router: the versions that passed their
+        Triton check, the fixed challenger share, and the stage of a staged rollout."""
         path = self.state_dir / ROLLOUT_STATE_FILE
+        settings: dict[str, Any] = {
+            "verified": [],
+            "challenger_share": DEFAULT_CHALLENGER_SHARE,
+            "stage": None,
+            "stage_started": None,
+            "plan": None,
+        }
         if not path.is_file():
-            return {"verified": [], "challenger_share": DEFAULT_CHALLENGER_SHARE}
+            return settings
         try:
-            settings = json.loads(path.read_text())
-            return {
-                "verified": sorted(int(v) for v in settings["verified"]),
-                "challenger_share": float(settings["challenger_share"]),
-            }
-        except (ValueError, KeyError, TypeError) as error:
+            stored = json.loads(path.read_text())
+            settings.update(stored)
+            settings["verified"] = sorted(int(v) for v in settings["verified"])
+            settings["challenger_share"] = float(settings["challenger_share"])
+            if settings["plan"] is not None:
+                RolloutPlan.from_dict(settings["plan"])
+        except (ValueError, KeyError, TypeError, RolloutError) as error:
             raise RolloutError(
                 f"{path} is unreadable ({error}). It lists the versions that passed their "
-                "Triton check; delete it and re-run triton_deployment for the versions that "
-                "should serve."
+                "Triton check and the rollout stage; delete it and re-run triton_deployment for "
+                "the versions that should serve."
             ) from error
+        return settings
 
-    def _write_rollout_settings(self, verified: list[int], challenger_share: float) -> None:
-        repository.write_json_atomic(
-            self.state_dir / ROLLOUT_STATE_FILE,
-            {"verified": sorted(set(verified)), "challenger_share": challenger_share},
-        )
+    def _write_settings(self, settings: Mapping[str, Any]) -> None:
+        repository.write_json_atomic(self.state_dir / ROLLOUT_STATE_FILE, dict(settings))
+
+    def _read_shadow(self) -> tuple[int, float] | None:
+        path = self.state_dir / SHADOW_FILE
+        if not path.is_file():
+            return None
+        shadow = json.loads(path.read_text())
+        return (int(shadow["version"]), float(shadow["share"])) if shadow else None
+
+    def _write_shadow(self, shadow: tuple[int, float] | None) -> None:
+        value = {"version": shadow[0], "share": shadow[1]} if shadow else None
+        repository.write_json_atomic(self.state_dir / SHADOW_FILE, value)
 
     def state(self) -> LifecycleState:
-        aliases = self._aliases()
-        settings = self._rollout_settings()
+        aliases = registry.aliases(self.tracking_uri, self.model_name)
+        settings = self._settings()
         return LifecycleState(
             champion=aliases.get(registry.CHAMPION),
             challenger=aliases.get(registry.CHALLENGER),
@@ -158,39 +256,43 @@ class Rollout:
             weights=repository.read_ab_weights(self.state_dir),
             verified=settings["verified"],
             challenger_share=settings["challenger_share"],
+            shadow=self._read_shadow(),
+            stage=settings["stage"],
+            stage_started=settings["stage_started"],
+            plan=RolloutPlan.from_dict(settings["plan"]) if settings["plan"] else None,
         )
 
     def check(self, server_ready: Callable[[int], bool] | None = None) -> list[str]:
         """Every way the current state breaks the rule; empty when MLflow, the router's
         weights, Triton's live versions and the journal agree. ``server_ready(version)``, when
-        given, asks the running server whether a weighted version really answers."""
+        given, asks the running server whether a live version really answers."""
         state = self.state()
         problems: list[str] = []
         weighted = {v: w for v, w in state.weights.items() if w > 0}
         if weighted:
-            top = max(weighted, key=lambda v: (weighted[v], -v))
-            if top != state.champion:
+            top = max(weighted.values())
+            if state.champion is None or weighted.get(state.champion, 0.0) < top:
+                leader = min(v for v, w in weighted.items() if w == top)
                 problems.append(
-                    f"v{top} has the most router traffic ({weighted[top]:.0%}) but MLflow's "
-                    f"champion is {_label(state.champion)}"
+                    f"v{leader} has the most router traffic ({top:.0%}) but MLflow's champion is "
+                    f"{_label(state.champion)}"
                 )
         elif state.champion is not None and state.champion in state.verified:
             problems.append(f"champion v{state.champion} is servable but gets no traffic")
         aliased = {state.champion, state.challenger} - {None}
-        for version in sorted(weighted):
+        serving = sorted(set(weighted) | ({state.shadow[0]} if state.shadow else set()))
+        for version in serving:
             if version not in state.live_versions:
-                problems.append(f"v{version} has router weight but is not live in Triton")
+                problems.append(f"v{version} gets router traffic but is not live in Triton")
             if version not in aliased:
-                problems.append(f"v{version} has router traffic but no MLflow alias")
+                problems.append(f"v{version} gets router traffic but has no MLflow alias")
             if server_ready is not None and not server_ready(version):
-                problems.append(f"v{version} has router weight but Triton does not serve it")
-        expected = desired_serving(
-            state.champion, state.challenger, state.verified, state.challenger_share
-        )
-        if weighted and _rounded(weighted) != _rounded(expected):
+                problems.append(f"v{version} gets router traffic but Triton does not serve it")
+        expected, shadow = state.desired()
+        if weighted and (_rounded(weighted) != _rounded(expected) or state.shadow != shadow):
             problems.append(
-                f"router weights {_rounded(weighted)} differ from what the aliases call for "
-                f"({_rounded(expected)})"
+                f"router weights {_rounded(weighted)} (shadow {state.shadow}) differ from what "
+                f"the aliases and stage call for ({_rounded(expected)}, shadow {shadow})"
             )
         unfinished = self.unfinished()
         if unfinished is not None:
@@ -233,8 +335,9 @@ class Rollout:
 
     def unfinished(self) -> dict[str, Any] | None:
         """The intent of a transition that never recorded its end (a crash), if any."""
-        ended = {r["id"] for r in self.journal() if r["phase"] != "intent"}
-        pending = [r for r in self.journal() if r["phase"] == "intent" and r["id"] not in ended]
+        records = self.journal()
+        ended = {r["id"] for r in records if r["phase"] != "intent"}
+        pending = [r for r in records if r["phase"] == "intent" and r["id"] not in ended]
         return pending[-1] if pending else None
 
     @contextmanager
@@ -251,10 +354,9 @@ class Rollout:
     # Moving serving to the aliases
 
     def _apply(self, target: LifecycleState) -> None:
-        """Serve what ``target``'s aliases call for: load, then weight, then unload."""
-        weights = desired_serving(
-            target.champion, target.challenger, target.verified, target.challenger_share
-        )
+        """Serve what ``target``'s aliases and stage call for: load, then weight (and shadow),
+        then unload."""
+        weights, shadow = target.desired()
         if not weights:
             raise RolloutError(
                 f"MLflow's champion is {_label(target.champion)}, which has not passed its "
@@ -262,7 +364,7 @@ class Rollout:
                 "triton_deployment for it (main_job does), then try again."
             )
         live_before = repository.read_live_versions(self.state_dir)
-        wanted = sorted(weights)
+        wanted = sorted(set(weights) | ({shadow[0]} if shadow else set()))
         if set(wanted) - set(live_before):
             repository.set_live_versions(
                 self.triton,
@@ -270,7 +372,13 @@ class Rollout:
                 repo=self.repo,
                 state_dir=self.state_dir,
             )
+        # The shadow target leaves before the weights change and arrives after them, so the
+        # router never mirrors to a version that is about to be unloaded.
+        if self._read_shadow() != shadow and shadow is None:
+            self._write_shadow(None)
         repository.set_ab_weights(weights, state_dir=self.state_dir)
+        if shadow is not None:
+            self._write_shadow(shadow)
         if set(repository.read_live_versions(self.state_dir)) != set(wanted):
             repository.set_live_versions(
                 self.triton, wanted, repo=self.repo, state_dir=self.state_dir
@@ -283,13 +391,14 @@ class Rollout:
         target_aliases: Mapping[str, int | None],
         reason: str,
         actor: str,
-        move_aliases: Callable[[], None],
+        settings: Mapping[str, Any] | None = None,
         evidence: Mapping[str, Any] | None = None,
-        verified: list[int] | None = None,
-        challenger_share: float | None = None,
     ) -> Transition:
-        """Journal the intent, move the aliases, apply serving, journal the end."""
+        """Journal the intent, move the aliases and the settings, apply serving, journal the
+        end. ``settings`` replaces keys of the rollout settings (verified, stage, plan, ...)."""
         before = self.state()
+        before_settings = self._settings()
+        after_settings = {**before_settings, **(settings or {})}
         record_id = uuid.uuid4().hex[:12]
         base = {
             "id": record_id,
@@ -305,26 +414,25 @@ class Rollout:
                 "phase": "intent",
                 "time": _now(),
                 "target_aliases": dict(target_aliases),
-                "verified": verified if verified is not None else before.verified,
-                "challenger_share": (
-                    challenger_share if challenger_share is not None else before.challenger_share
-                ),
+                "settings": after_settings,
                 "before": before.to_dict(),
             }
         )
+        started = time.monotonic()
         try:
-            if verified is not None or challenger_share is not None:
-                self._write_rollout_settings(
-                    verified if verified is not None else before.verified,
-                    challenger_share if challenger_share is not None else before.challenger_share,
-                )
-            move_aliases()
+            self._write_settings(after_settings)
+            self._set_aliases(target_aliases, f"{action}: {reason}", actor)
             self._apply(self.state())
         except Exception as error:
-            self._undo(before)
+            self._undo(before, before_settings)
             self._append(
-                {**base, "phase": "failed", "time": _now(), "error": str(error)[:2000]}
-                | {"after": self.state().to_dict()}
+                {
+                    **base,
+                    "phase": "failed",
+                    "time": _now(),
+                    "error": str(error)[:2000],
+                    "after": self.state().to_dict(),
+                }
             )
             raise
         after = self.state()
@@ -333,6 +441,7 @@ class Rollout:
                 **base,
                 "phase": "done",
                 "time": _now(),
+                "seconds": round(time.monotonic() - started, 3),
                 "before": before.to_dict(),
                 "after": after.to_dict(),
             }
@@ -348,9 +457,9 @@ class Rollout:
             dict(evidence or {}),
         )
 
-    def _undo(self, before: LifecycleState) -> None:
+    def _undo(self, before: LifecycleState, settings: Mapping[str, Any]) -> None:
         """Put aliases, settings and serving back as they were before a failed transition."""
-        self._write_rollout_settings(before.verified, before.challenger_share)
+        self._write_settings(settings)
         self._set_aliases(
             {registry.CHAMPION: before.champion, registry.CHALLENGER: before.challenger},
             "undo of a failed transition",
@@ -364,7 +473,9 @@ class Rollout:
                 repo=self.repo,
                 state_dir=self.state_dir,
             )
+            self._write_shadow(None)
             repository.set_ab_weights(before.weights, state_dir=self.state_dir)
+            self._write_shadow(before.shadow)
             repository.set_live_versions(
                 self.triton, before.live_versions, repo=self.repo, state_dir=self.state_dir
             )
@@ -385,14 +496,17 @@ class Rollout:
         reason: str,
         actor: str,
         challenger_share: float | None = None,
+        plan: RolloutPlan | None = None,
     ) -> Transition:
         """Serve a new registered ``version`` as ``role``, the registry's decision for it.
 
         The version is loaded beside what serves, without traffic, and ``verify()`` (which
         raises when the version must not serve) checks it; only then does MLflow give it its
-        alias and the router its share. A champion takes the traffic of the previous one; a
-        challenger replaces any earlier challenger. A version that fails ``verify`` gets no
-        alias and no traffic, and Triton is left as it was.
+        alias and the router its traffic. A champion takes the traffic of the previous one. A
+        challenger replaces any earlier challenger and gets ``challenger_share`` of the traffic,
+        or, with a ``plan``, starts that staged rollout (shadow first, unless the plan skips
+        it). A version that fails ``verify`` gets no alias and no traffic, and Triton is left as
+        it was.
         """
         if challenger_share is not None and not 0.0 < challenger_share < 0.5:
             raise RolloutError(
@@ -422,29 +536,62 @@ class Rollout:
                         self.triton, live, repo=self.repo, state_dir=self.state_dir
                     )
                 raise
-            target = {
-                registry.CHAMPION: version if role == "champion" else current.champion,
-                registry.CHALLENGER: (
-                    version
-                    if role == "challenger"
-                    else (None if current.challenger == version else current.challenger)
-                ),
-            }
-            if target[registry.CHAMPION] is None:
-                raise RolloutError(
-                    f"Version {version} cannot serve as challenger: there is no champion yet. "
-                    "Deploy it as champion (the registry's gate promotes a first version)."
-                )
+            if role == "champion":
+                target = {
+                    registry.CHAMPION: version,
+                    registry.CHALLENGER: None
+                    if current.challenger == version
+                    else current.challenger,
+                }
+            else:
+                if current.champion is None:
+                    raise RolloutError(
+                        f"Version {version} cannot serve as challenger: there is no champion "
+                        "yet. Deploy it as champion (the registry's gate promotes a first "
+                        "version)."
+                    )
+                target = {registry.CHAMPION: current.champion, registry.CHALLENGER: version}
+            settings: dict[str, Any] = {"verified": sorted({*current.verified, version})}
+            if challenger_share is not None:
+                settings["challenger_share"] = challenger_share
+            if role == "challenger":
+                settings |= _stage(plan.first_stage() if plan else FIXED, plan)
+            elif target[registry.CHALLENGER] is None:
+                settings |= _stage(None, None)
             return self._transition(
                 "deploy",
                 version,
                 target,
-                reason,
+                f"deployed as {role}: {reason}",
                 actor,
-                lambda: self._set_aliases(target, f"deployed as {role}: {reason}", actor),
+                settings,
                 evidence,
-                verified=sorted({*current.verified, version}),
-                challenger_share=challenger_share,
+            )
+
+    def step(
+        self, *, reason: str, actor: str, evidence: Mapping[str, Any] | None = None
+    ) -> Transition:
+        """Advance the staged rollout: shadow to the first canary weight, each weight to the
+        next, and the last to the challenger's promotion."""
+        with self._locked():
+            self._finish_unfinished(actor)
+            current = self.state()
+            if current.challenger is None or current.plan is None or current.stage in (None, FIXED):
+                raise RolloutError(
+                    f"No staged rollout is running (challenger {_label(current.challenger)}, "
+                    f"stage {current.stage or 'none'}); deploy a challenger with a rollout plan."
+                )
+            following = current.plan.next_stage(current.stage or SHADOW)
+            if following is None:
+                return self._promote(current, current.challenger, reason, actor, evidence)
+            return self._transition(
+                "step",
+                current.challenger,
+                {registry.CHAMPION: current.champion, registry.CHALLENGER: current.challenger},
+                f"{current.stage} -> {following}: {reason}",
+                actor,
+                _stage(following, current.plan),
+                evidence,
             )
 
     def promote(
@@ -453,25 +600,27 @@ class Rollout:
         """Make ``version`` the champion and give it the champion's traffic."""
         with self._locked():
             self._finish_unfinished(actor)
-            current = self.state()
-            if version not in current.verified:
-                raise RolloutError(
-                    f"v{version} has not passed its Triton check (verified: "
-                    f"{current.verified or 'none'}); deploy it with triton_deployment first."
-                )
-            target = {
-                registry.CHAMPION: version,
-                registry.CHALLENGER: None if current.challenger == version else current.challenger,
-            }
-            return self._transition(
-                "promote",
-                version,
-                target,
-                reason,
-                actor,
-                lambda: self._set_aliases(target, f"promote: {reason}", actor),
-                evidence,
+            return self._promote(self.state(), version, reason, actor, evidence)
+
+    def _promote(
+        self,
+        current: LifecycleState,
+        version: int,
+        reason: str,
+        actor: str,
+        evidence: Mapping[str, Any] | None,
+    ) -> Transition:
+        if version not in current.verified:
+            raise RolloutError(
+                f"v{version} has not passed its Triton check (verified: "
+                f"{current.verified or 'none'}); deploy it with triton_deployment first."
             )
+        target = {
+            registry.CHAMPION: version,
+            registry.CHALLENGER: None if current.challenger == version else current.challenger,
+        }
+        stage = _stage(None, None) if target[registry.CHALLENGER] is None else {}
+        return self._transition("promote", version, target, reason, actor, stage, evidence)
 
     def rollback(
         self, *, reason: str, actor: str, evidence: Mapping[str, Any] | None = None
@@ -496,21 +645,14 @@ class Rollout:
                 registry.CHAMPION: previous,
                 registry.CHALLENGER: None if current.challenger == previous else current.challenger,
             }
-            return self._transition(
-                "rollback",
-                previous,
-                target,
-                reason,
-                actor,
-                lambda: self._set_aliases(target, f"rollback: {reason}", actor),
-                evidence,
-            )
+            stage = _stage(None, None) if target[registry.CHALLENGER] is None else {}
+            return self._transition("rollback", previous, target, reason, actor, stage, evidence)
 
     def retire(
         self, version: int, *, reason: str, actor: str, evidence: Mapping[str, Any] | None = None
     ) -> Transition:
         """Take ``version`` (a challenger, never the champion) out of the registry's aliases
-        and out of serving."""
+        and out of serving; a staged rollout of it ends (an automatic rollback does this)."""
         with self._locked():
             self._finish_unfinished(actor)
             current = self.state()
@@ -522,16 +664,10 @@ class Rollout:
                 registry.CHAMPION: current.champion,
                 registry.CHALLENGER: None if current.challenger == version else current.challenger,
             }
-            return self._transition(
-                "retire",
-                version,
-                target,
-                reason,
-                actor,
-                lambda: self._set_aliases(target, f"retired: {reason}", actor),
-                evidence,
-                verified=[v for v in current.verified if v != version],
-            )
+            settings = {"verified": [v for v in current.verified if v != version]}
+            if current.challenger == version:
+                settings |= _stage(None, None)
+            return self._transition("retire", version, target, reason, actor, settings, evidence)
 
     def reconcile(self, actor: str = "reconcile") -> Transition | None:
         """Complete a transition a crash left between its intent and its end, or bring serving
@@ -541,12 +677,12 @@ class Rollout:
             if transition is not None:
                 return transition
             current = self.state()
-            expected = desired_serving(
-                current.champion, current.challenger, current.verified, current.challenger_share
-            )
-            if _rounded(current.weights) == _rounded(expected) and set(
-                current.live_versions
-            ) == set(expected):
+            expected, shadow = current.desired()
+            if (
+                _rounded(current.weights) == _rounded(expected)
+                and current.shadow == shadow
+                and set(current.live_versions) == set(expected) | ({shadow[0]} if shadow else set())
+            ):
                 return None
             return self._transition(
                 "reconcile",
@@ -554,7 +690,6 @@ class Rollout:
                 {registry.CHAMPION: current.champion, registry.CHALLENGER: current.challenger},
                 "serving differed from MLflow's aliases",
                 actor,
-                lambda: None,
             )
 
     def _finish_unfinished(self, actor: str) -> Transition | None:
@@ -564,8 +699,8 @@ class Rollout:
         target = {
             k: (int(v) if v is not None else None) for k, v in intent["target_aliases"].items()
         }
-        before = self.state()
-        self._write_rollout_settings(intent["verified"], intent["challenger_share"])
+        started = time.monotonic()
+        self._write_settings(intent["settings"])
         self._set_aliases(target, f"completing {intent['action']} {intent['id']}", actor)
         self._apply(self.state())
         after = self.state()
@@ -579,6 +714,7 @@ class Rollout:
                 "evidence": intent.get("evidence", {}),
                 "phase": "done",
                 "time": _now(),
+                "seconds": round(time.monotonic() - started, 3),
                 "completed_by": "reconcile",
                 "before": intent["before"],
                 "after": after.to_dict(),
@@ -590,10 +726,18 @@ class Rollout:
             intent["version"],
             intent["reason"],
             actor,
-            before.to_dict(),
+            intent["before"],
             after.to_dict(),
             intent.get("evidence", {}),
         )
+
+
+def _stage(stage: str | None, plan: RolloutPlan | None) -> dict[str, Any]:
+    return {
+        "stage": stage,
+        "stage_started": _now() if stage else None,
+        "plan": plan.to_dict() if plan else None,
+    }
 
 
 def _label(version: int | None) -> str:

@@ -45,6 +45,15 @@ before each batch's responses leave (nothing answered is lost even then, at the 
 flush per batch). A record that cannot be written (a full disk) is kept and written with the next
 batch; serving goes on, and the error is printed to the server log.
 
+Shadow traffic: when ``shadow.json`` beside the weights file names a version and a share, that
+share of the requests (by a hash of the request id) is also run on that version, after the
+user's answer has left (the model's CPU time per image is recorded on both sides, so their cost
+compares like with like on a busy machine): the batch goes to a bounded queue that a background thread drains with
+the version's own session, and the candidate's answer is recorded under ``capture_dir/shadow``
+(its predicted class beside the champion's, its latency, or its error) and never sent to anyone.
+When the queue is full, mirroring is skipped, not the answer delayed. In ``bls`` mode nothing is
+mirrored. Requests a version fails to answer are recorded under ``capture_dir/errors``.
+
 A ``capture_input_sample_rate`` share of the requests, chosen by a hash of the request id, also
 has its pixels kept as uint8 ``.npz`` chunks (256 images or 10 s, whichever comes first, and on
 ``finalize``) by the background thread, for drift detection. Those samples are not durable: a
@@ -79,6 +88,10 @@ CIFAR_STD = np.asarray((0.2470, 0.2435, 0.2616), dtype=np.float32)
 GOLDEN = 0.6180339887498949
 RECORDS_DIR = "records"
 INPUTS_DIR = "inputs"
+SHADOW_DIR = "shadow"  # the candidate's answers to mirrored requests (never sent to anyone)
+ERRORS_DIR = "errors"  # requests a version failed to answer
+SHADOW_FILE = "shadow.json"  # beside the weights file: {"version": N, "share": s} or null
+SHADOW_QUEUE_BATCHES = 64  # mirrored batches waiting for the candidate; more are dropped
 WEIGHTS_MAX_AGE_S = 1.0
 # Pixels go out in chunks of up to 256 images, at least every 10 s: fewer, larger files.
 INPUT_CHUNK_IMAGES = 256
@@ -258,6 +271,96 @@ class CaptureWriter:
                 next_input_flush = time.monotonic() + INPUT_FLUSH_INTERVAL_S
 
 
+class JsonLines:
+    """An append-only JSON-lines file of this router process (not fsynced: these records are
+    evidence for the rollout gates, not answers anyone was given)."""
+
+    def __init__(self, folder: Path, stem: str) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / f"{stem}.jsonl"
+        self.descriptor = os.open(
+            self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644
+        )
+
+    def write(self, records: list[dict[str, Any]]) -> None:
+        if not records:
+            return
+        data = "".join(json.dumps(r, allow_nan=False) + "\n" for r in records).encode()
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.descriptor, view) :]
+        except OSError as exc:
+            print(f"cifar10_ab: cannot write {self.path}: {exc}", file=sys.stderr)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.descriptor)
+
+
+class ShadowWorker:
+    """Runs mirrored batches on the shadow version after the answers have left."""
+
+    def __init__(self, out: JsonLines) -> None:
+        self.out = out
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=SHADOW_QUEUE_BATCHES)
+        self.dropped = 0
+        self.thread = threading.Thread(target=self._run, name="shadow", daemon=True)
+        self.thread.start()
+
+    def offer(self, item: tuple[Any, ...]) -> None:
+        try:
+            self.queue.put_nowait(item)
+        except queue.Full:
+            self.dropped += 1
+            if self.dropped % 1000 == 1:
+                print(
+                    f"cifar10_ab shadow: queue full, {self.dropped} batches not mirrored",
+                    file=sys.stderr,
+                )
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        with contextlib.suppress(queue.Full):
+            self.queue.put(_STOP, timeout=timeout_s)
+        self.thread.join(timeout_s)
+        self.out.close()
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not _STOP:
+            local, version, batch, meta = item
+            started = time.thread_time()
+            try:
+                logits = local.run(batch)
+                if not np.isfinite(logits).all():
+                    raise ValueError("non-finite logits")
+                predicted = logits.argmax(axis=1).tolist()
+                error = None
+            except Exception as exc:
+                predicted, error = [None] * len(batch), str(exc)[:500]
+            # CPU time per image of this thread (ONNX Runtime runs in it), as the champion's
+            # beside it: the same measure on both sides, which a busy machine does not skew.
+            cpu_ms = round((time.thread_time() - started) * 1000.0 / len(batch), 3)
+            self.out.write(
+                [
+                    {
+                        "time": meta["time"],
+                        "request_id": request_id,
+                        "item": item_index,
+                        "shadow_version": version,
+                        "champion_version": meta["champion"],
+                        "champion_class": champion_class,
+                        "predicted_class": cls,
+                        "model_cpu_ms": cpu_ms,
+                        "champion_model_cpu_ms": round(champion_ms, 3),
+                        "error": error,
+                    }
+                    for (request_id, item_index, champion_class, champion_ms), cls in zip(
+                        meta["rows"], predicted, strict=True
+                    )
+                ]
+            )
+
+
 class Routed(NamedTuple):
     """One request that passed the checks, and the version it goes to."""
 
@@ -360,6 +463,11 @@ class TritonPythonModel:
             labels,
             fsync,
         )
+        self.shadow_path = self.weights_path.parent / SHADOW_FILE
+        self.shadow: tuple[int, float] | None = None
+        stem = self.capture.stem
+        self.errors = JsonLines(Path(capture_dir) / ERRORS_DIR, stem)
+        self.shadow_worker = ShadowWorker(JsonLines(Path(capture_dir) / SHADOW_DIR, stem))
         if self.execution == "inprocess":
             # Build the sessions now rather than in the first request, when the weights exist.
             try:
@@ -408,9 +516,24 @@ class TritonPythonModel:
                 running += weight / total
                 self.versions.append(version)
                 self.cumulative.append(running)
+        self.shadow = self._read_shadow()
         if self.execution == "inprocess":
             self._sync_sessions()
         return None if self.versions else self.weights_problem
+
+    def _read_shadow(self) -> tuple[int, float] | None:
+        try:
+            shadow = json.loads(self.shadow_path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            print(
+                f"{self.model_name}: ignoring unusable {self.shadow_path}: {exc}", file=sys.stderr
+            )
+            return None
+        if not shadow:
+            return None
+        return int(shadow["version"]), float(shadow["share"])
 
     def _not_live(self, version: int) -> str:
         return (
@@ -421,10 +544,13 @@ class TritonPythonModel:
 
     def _sync_sessions(self) -> None:
         """One session per weighted version that Triton serves, on its current model.onnx."""
-        for version in [v for v in self.local if v not in self.versions]:
+        wanted = list(self.versions)
+        if self.shadow is not None and self.shadow[0] not in wanted:
+            wanted.append(self.shadow[0])
+        for version in [v for v in self.local if v not in wanted]:
             del self.local[version]
         self.refused = {}
-        for version in self.versions:
+        for version in wanted:
             if not pb_utils.is_model_ready(model_name=self.target, model_version=str(version)):
                 self.local.pop(version, None)
                 self.refused[version] = (self._not_live(version), pb_utils.TritonError.UNAVAILABLE)
@@ -579,6 +705,8 @@ class TritonPythonModel:
         for member in self._route(requests, responses):
             groups.setdefault(member.version, []).append(member)
         rows: list[bytes] = []
+        failures: list[dict[str, Any]] = []
+        mirrored: list[tuple[Any, ...]] = []
         for version, members in groups.items():
             local = self.local.get(version)
             if local is None:
@@ -587,6 +715,7 @@ class TritonPythonModel:
                 )
                 for member in members:
                     responses[member.position] = error_response(message, code)
+                failures.extend(self._failure(m, version, message) for m in members)
                 continue
             batches = []
             for member in members:
@@ -594,6 +723,7 @@ class TritonPythonModel:
                 uint8 = member.tensor.name() == UINT8_INPUT
                 batches.append(normalise_uint8(array) if uint8 else array)
             joined = batches[0] if len(batches) == 1 else np.concatenate(batches)
+            run_started = time.thread_time()
             try:
                 logits = local.run(joined)
             except Exception as exc:
@@ -605,8 +735,10 @@ class TritonPythonModel:
                     responses[member.position] = error_response(
                         message, pb_utils.TritonError.INTERNAL
                     )
+                failures.extend(self._failure(m, version, message) for m in members)
                 continue
             latency_ms = (time.perf_counter() - started) * 1000.0
+            model_ms = (time.thread_time() - run_started) * 1000.0 / len(joined)
             when = datetime.now(UTC).isoformat(timespec="milliseconds")
             start = 0
             for member, batch in zip(members, batches, strict=True):
@@ -615,6 +747,7 @@ class TritonPythonModel:
                 start += count
                 if not np.isfinite(values).all():
                     responses[member.position] = self._not_finite(version)
+                    failures.append(self._failure(member, version, "non-finite logits"))
                     continue
                 served = np.full((count, 1), version, dtype=np.int64)
                 responses[member.position] = pb_utils.InferenceResponse(
@@ -624,8 +757,43 @@ class TritonPythonModel:
                     ]
                 )
                 rows.extend(self._record(member, values, when, latency_ms))
+                if self._mirrors(version, member.request_id):
+                    mirrored.append((member, batch, values, version, when, model_ms))
         self.capture.write(rows)  # before the responses leave: see the module's docstring
+        self.errors.write(failures)
+        self._mirror(mirrored)
         return responses
+
+    def _failure(self, member: Routed, version: int, message: str) -> dict[str, Any]:
+        return {
+            "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "request_id": member.request_id,
+            "served_version": version,
+            "error": message[:500],
+        }
+
+    def _mirrors(self, version: int, request_id: str) -> bool:
+        return (
+            self.shadow is not None
+            and self.shadow[0] != version
+            and hash_fraction("shadow:" + request_id) < self.shadow[1]
+        )
+
+    def _mirror(self, mirrored: list[tuple[Any, ...]]) -> None:
+        """Queue the mirrored requests for the shadow version, as one batch."""
+        if not mirrored or self.shadow is None:
+            return
+        local = self.local.get(self.shadow[0])
+        if local is None:
+            return
+        batch = mirrored[0][1] if len(mirrored) == 1 else np.concatenate([m[1] for m in mirrored])
+        rows = [
+            (member.request_id, index, int(cls), model_ms)
+            for member, _, values, _, _, model_ms in mirrored
+            for index, cls in enumerate(values.argmax(axis=1).tolist())
+        ]
+        meta = {"time": mirrored[0][4], "champion": mirrored[0][3], "rows": rows}
+        self.shadow_worker.offer((local, self.shadow[0], batch, meta))
 
     async def _execute_bls(self, requests: list[Any]) -> list[Any]:
         started = time.perf_counter()
@@ -689,5 +857,7 @@ class TritonPythonModel:
         return responses
 
     def finalize(self) -> None:
+        self.shadow_worker.close()
+        self.errors.close()
         self.local = {}
         self.capture.close()
