@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +157,18 @@ class TritonResource(dg.ConfigurableResource):
 
         config = self.server_config()
         status = server_status(config)
+        deadline = time.monotonic() + 60
+        while status.running and not status.ready and time.monotonic() < deadline:
+            # Running but slow to answer its health check (a busy machine): wait, never start
+            # a second server on the same state folder.
+            time.sleep(1)
+            status = server_status(config)
+        if status.running and not status.ready:
+            raise dg.Failure(
+                f"tritonserver pid {status.pid} runs for {config.state_dir} but has not answered "
+                f"its health check on {status.http_url} for 60 s; see {config.log_path}, or "
+                "restart it with `cifar-triton stop` and `cifar-triton start`."
+            )
         if not status.ready:
             if not self.start_if_down:
                 raise dg.Failure(

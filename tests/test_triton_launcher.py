@@ -143,8 +143,12 @@ def test_cli_start_status_stop_across_processes(tmp_path: Path) -> None:
         assert status["http_url"] == f"127.0.0.1:{config.http_port}"
         again = cli("start")
         assert again.returncode == 1 and "already running" in again.stderr
-        bad_weights = cli("weights", "1=0.5", "2=0.5")
-        assert bad_weights.returncode == 1 and "not live" in bad_weights.stderr
+        # Traffic moves only through the rollout: a version that never passed its check is
+        # refused, and nothing changes.
+        refused = cli("promote", "2", "--reason", "try")
+        assert refused.returncode == 1 and "has not passed its Triton check" in refused.stderr
+        lifecycle = json.loads(cli("status").stdout)["lifecycle"]
+        assert lifecycle["champion"] is None and lifecycle["disagreements"] == []
         assert status["router_execution"] == "inprocess"
         switched = cli("router", "bls")
         assert switched.returncode == 0, switched.stderr
