@@ -28,6 +28,7 @@ main_job = dg.define_asset_job(
     ),
     description="The whole chain: data, validation, features, training, evaluation, "
     "registration, ONNX export, deployment to Triton and the drift baseline.",
+    tags={"cifar/training": "true"},  # the stack's run queue trains one run at a time
 )
 
 drift_check_job = dg.define_asset_job(
@@ -44,7 +45,7 @@ retraining_job = dg.define_asset_job(
     ),
     description="Retrain (with the drifted batch when it is labelled), register the model as "
     "challenger and deploy it to Triton beside the champion with a share of the traffic.",
-    tags={"purpose": "retraining"},
+    tags={"purpose": "retraining", "cifar/training": "true"},
 )
 
 

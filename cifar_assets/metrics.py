@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from cifar_assets.data.imageset import CLASSES
 from cifar_assets.logs import get_logger
+from cifar_assets.serving.repository import default_state_dir, read_ab_weights
 from cifar_assets.settings import get_settings
 
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
@@ -38,10 +39,15 @@ class MetricsExporter:
     """Turns captured traffic into Prometheus metrics; ``poll()`` reads what is new."""
 
     def __init__(
-        self, capture_dir: Path, storage_dir: Path, registry: CollectorRegistry | None = None
+        self,
+        capture_dir: Path,
+        storage_dir: Path,
+        registry: CollectorRegistry | None = None,
+        state_dir: Path | None = None,
     ):
         self.capture_dir = capture_dir
         self.storage_dir = storage_dir
+        self.state_dir = state_dir  # Triton's state folder: the router's weights
         self.registry = registry or CollectorRegistry()
         self.predictions = Counter(
             "cifar10_predictions",
@@ -80,6 +86,13 @@ class MetricsExporter:
             ["version"],
             registry=self.registry,
         )
+        self.ab_weight = Gauge(
+            "cifar10_ab_weight",
+            "The A/B router's intended share of traffic per version (the SRM alert compares the "
+            "observed split with it).",
+            ["version"],
+            registry=self.registry,
+        )
         self._offsets: dict[Path, int] = {}
         self._seen_requests: set[str] = set()
         self._predicted: dict[tuple[str, int], tuple[str, int]] = {}
@@ -96,7 +109,15 @@ class MetricsExporter:
                 new += 1
         self._read_feedback()
         self._read_drift()
+        self._read_weights()
         return new
+
+    def _read_weights(self) -> None:
+        if self.state_dir is None:
+            return
+        self.ab_weight.clear()
+        for version, weight in read_ab_weights(self.state_dir).items():
+            self.ab_weight.labels(str(version)).set(weight)
 
     def _new_lines(self, path: Path) -> list[dict[str, Any]]:
         offset = self._offsets.get(path, 0)
@@ -178,7 +199,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=settings.prometheus_port)
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between polls")
     args = parser.parse_args(argv)
-    MetricsExporter(settings.capture_dir, settings.storage_dir).serve(args.port, args.interval)
+    MetricsExporter(
+        settings.capture_dir, settings.storage_dir, state_dir=default_state_dir()
+    ).serve(args.port, args.interval)
 
 
 if __name__ == "__main__":

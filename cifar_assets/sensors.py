@@ -186,7 +186,8 @@ def _drifted(record: dg.EventLogRecord) -> bool:
 
 def _labelled(record: dg.EventLogRecord) -> bool:
     materialization = record.asset_materialization
-    assert materialization is not None
+    if materialization is None:
+        return False
     return bool(materialization.metadata.get("labelled", dg.BoolMetadataValue(False)).value)
 
 

@@ -127,6 +127,23 @@ def test_a_half_written_line_waits_for_the_next_poll(tmp_path: Path) -> None:
     )
 
 
+def test_router_weights_are_a_gauge_that_follows_the_file(tmp_path: Path) -> None:
+    from cifar_assets.serving.repository import write_json_atomic
+
+    state = tmp_path / "triton"
+    exporter = MetricsExporter(tmp_path / "capture", tmp_path / "storage", state_dir=state)
+    write_json_atomic(state / "ab_weights.json", {"weights": {"1": 0.9, "2": 0.1}})
+    exporter.poll()
+    weight = exporter.registry.get_sample_value
+    assert weight("cifar10_ab_weight", {"version": "1"}) == 0.9
+    assert weight("cifar10_ab_weight", {"version": "2"}) == 0.1
+    # A promotion leaves one version: the other's series goes away, not stays at 0.1.
+    write_json_atomic(state / "ab_weights.json", {"weights": {"2": 1.0}})
+    exporter.poll()
+    assert weight("cifar10_ab_weight", {"version": "1"}) is None
+    assert weight("cifar10_ab_weight", {"version": "2"}) == 1.0
+
+
 def test_logs_are_json_with_request_and_run_ids() -> None:
     stream = io.StringIO()
     configure_logging("DEBUG", stream=stream)

@@ -240,11 +240,19 @@ class EmbeddingMMDDetector(_AlibiDetector):
             "seed": self.seed,
         }
 
+    def _pca(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._mean is None or self._components is None:
+            raise DriftDetectorError(
+                "The embedding detector has no PCA yet: call fit(reference) or load(directory) "
+                "before scoring or saving it."
+            )
+        return self._mean, self._components
+
     def _arrays(self) -> dict[str, np.ndarray]:
-        assert self._mean is not None and self._components is not None
+        mean, components = self._pca()
         return {
-            "mean": self._mean,
-            "components": self._components,
+            "mean": mean,
+            "components": components,
             "explained": np.asarray(self._explained),
         }
 
@@ -253,8 +261,8 @@ class EmbeddingMMDDetector(_AlibiDetector):
         self._explained = float(arrays["explained"])
 
     def _project(self, embeddings: np.ndarray) -> np.ndarray:
-        assert self._mean is not None and self._components is not None
-        return ((embeddings - self._mean) @ self._components.T).astype(np.float32)
+        mean, components = self._pca()
+        return ((embeddings - mean) @ components.T).astype(np.float32)
 
     def fit(self, reference: np.ndarray) -> Self:
         from alibi_detect.cd import MMDDrift
@@ -282,8 +290,7 @@ class EmbeddingMMDDetector(_AlibiDetector):
         import torch
 
         detector: MMDDrift = self._require_fitted()
-        assert self._mean is not None
-        embeddings = _matrix(batch, "batch embeddings", columns=self._mean.shape[0])
+        embeddings = _matrix(batch, "batch embeddings", columns=self._pca()[0].shape[0])
         threads = torch.get_num_threads()
         # The permutation loop is a hundred small tensor operations; with several intra-op
         # threads each waits at a barrier for all of them, and on a busy machine a descheduled
