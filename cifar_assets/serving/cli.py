@@ -23,6 +23,7 @@ import getpass
 import json
 import signal
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
@@ -105,9 +106,19 @@ def _rollout(config: TritonConfig) -> Rollout:
 
 
 def _lifecycle(args: argparse.Namespace, config: TritonConfig) -> int:
-    if not server_status(config).ready:
+    # Triton's strict readiness drops for a moment while a version unloads (as after the
+    # previous transition): wait for it rather than refuse.
+    deadline = time.monotonic() + 30
+    status = server_status(config)
+    while status.running and not status.ready and time.monotonic() < deadline:
+        time.sleep(0.5)
+        status = server_status(config)
+    if not status.ready:
         raise TritonLaunchError(
-            f"Triton is not ready at {config.http_url}; start it with `cifar-triton start`."
+            f"Triton is not ready at {config.http_url}"
+            + (" after 30 s" if status.running else "")
+            + "; start it with `cifar-triton start`, or see "
+            f"{config.log_path}."
         )
     rollout = _rollout(config)
     actor = f"cifar-triton {args.command} ({getpass.getuser()})"
