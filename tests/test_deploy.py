@@ -56,6 +56,7 @@ def test_compose_file_is_valid_and_keeps_secrets_out() -> None:
         "metrics",
         "prometheus",
         "grafana",
+        "app",
     }
     # every published port on loopback only
     for name, service in services.items():

@@ -127,7 +127,17 @@ def stack() -> Iterator[Stack]:
     root = Path(tempfile.mkdtemp(prefix="cifar-stack-"))
     root.chmod(0o755)
     var = root / "var"
-    names = ["pg", "mlflow", "code_server", "webserver", "prometheus", "http", "grpc", "tmetrics"]
+    names = [
+        "pg",
+        "mlflow",
+        "code_server",
+        "webserver",
+        "prometheus",
+        "http",
+        "grpc",
+        "tmetrics",
+        "app",
+    ]
     ports = dict(zip([*names, "metrics"], free_ports(len(names) + 1), strict=True))
     retraining = root / "retraining.yaml"
     retraining.write_text(yaml.safe_dump({"ops": TRAINING}))
@@ -146,6 +156,7 @@ def stack() -> Iterator[Stack]:
         "TRITON_GRPC_PORT": str(ports["grpc"]),
         "TRITON_METRICS_PORT": str(ports["tmetrics"]),
         "PROMETHEUS_PORT": str(ports["metrics"]),
+        "CIFAR_APP_PORT": str(ports["app"]),
     }
     copy_repository(var / "triton_repo")
     cleared = (

@@ -122,7 +122,6 @@ def _judge_shadow(
     served: pd.DataFrame,
     feedback: pd.DataFrame,
 ) -> StageJudgement:
-    from cifar_assets.drift.ab_stats import msprt_p_values
 
     shadow = shadow[shadow["shadow_version"] == challenger]
     n = len(shadow)
@@ -167,16 +166,11 @@ def _judge_shadow(
     if len(labelled):
         champion_right = (labelled["champion_class"] == labelled["label"]).to_numpy()
         challenger_right = (labelled["predicted_class"] == labelled["label"]).to_numpy()
-        is_challenger = np.tile([False, True], len(labelled))
-        outcome = np.column_stack([champion_right, challenger_right]).ravel()
-        p_values, theta = msprt_p_values(is_challenger, outcome, tau=0.02)
-        worse = bool(p_values[-1] < plan.accuracy_alpha and theta[-1] < 0)
         gates.append(
-            Gate(
-                "accuracy",
-                not worse,
-                float(p_values[-1]),
-                plan.accuracy_alpha,
+            _accuracy_gate(
+                np.tile([False, True], len(labelled)),
+                np.column_stack([champion_right, challenger_right]).ravel(),
+                plan,
                 f"on {len(labelled)} labelled mirrored images: challenger "
                 f"{challenger_right.mean():.1%}, champion {champion_right.mean():.1%}",
             )
@@ -195,8 +189,6 @@ def _judge_canary(
     feedback: pd.DataFrame,
 ) -> StageJudgement:
     from scipy.stats import chisquare
-
-    from cifar_assets.drift.ab_stats import msprt_p_values
 
     counts = {v: int((served["served_version"] == v).sum()) for v in sorted(weights)}
     failures = {v: int((errors["served_version"] == v).sum()) for v in sorted(weights)}
@@ -247,20 +239,12 @@ def _judge_canary(
     )
     evidence["labelled_per_arm"] = per_arm
     if len(labelled):
-        p_values, theta = msprt_p_values(
-            (labelled["served_version"] == challenger).to_numpy(),
-            labelled["correct"].to_numpy(dtype=bool),
-            tau=0.02,
-        )
-        worse = bool(p_values[-1] < plan.accuracy_alpha and theta[-1] < 0)
         gates.append(
-            Gate(
-                "accuracy",
-                not worse,
-                float(p_values[-1]),
-                plan.accuracy_alpha,
-                f"always-valid test on {len(labelled)} labelled requests, difference "
-                f"{theta[-1]:+.1%} (challenger - champion)",
+            _accuracy_gate(
+                (labelled["served_version"] == challenger).to_numpy(),
+                labelled["correct"].to_numpy(dtype=bool),
+                plan,
+                f"always-valid test on {len(labelled)} labelled requests",
             )
         )
     judgement = _verdict(stage, gates, evidence)
@@ -273,6 +257,23 @@ def _judge_canary(
             evidence,
         )
     return judgement
+
+
+def _accuracy_gate(
+    is_challenger: np.ndarray, correct: np.ndarray, plan: RolloutPlan, detail: str
+) -> Gate:
+    """Fails when the always-valid sequential test finds the challenger less accurate."""
+    from cifar_assets.drift.ab_stats import msprt_p_values
+
+    p_values, theta = msprt_p_values(is_challenger, correct, tau=0.02)
+    worse = bool(p_values[-1] < plan.accuracy_alpha and theta[-1] < 0)
+    return Gate(
+        "accuracy",
+        not worse,
+        float(p_values[-1]),
+        plan.accuracy_alpha,
+        f"{detail}, difference {theta[-1]:+.1%} (challenger - champion)",
+    )
 
 
 def _verdict(stage: str, gates: list[Gate], evidence: dict[str, Any]) -> StageJudgement:

@@ -12,6 +12,7 @@ Starts each service as its own process, every listener on 127.0.0.1:
 | webserver | ``dagster-webserver`` | CIFAR_STACK_WEBSERVER_PORT 3000 |
 | daemon | ``dagster-daemon run`` (QueuedRunCoordinator, sensors, schedules) | none |
 | prometheus | Debian's Prometheus with the alert rules | CIFAR_STACK_PROMETHEUS_PORT 9090 |
+| app | ``cifar-app``, the prediction and feedback page | CIFAR_APP_PORT 8501 |
 
 State lives in ``CIFAR_STACK_DIR`` (default ``$CIFAR_VAR_DIR/stack``): the PostgreSQL cluster,
 MLflow's artifacts, DAGSTER_HOME, Prometheus' data, logs and pid files. The database password
@@ -62,6 +63,7 @@ SERVICES = (
     "webserver",
     "daemon",
     "prometheus",
+    "app",
 )
 
 
@@ -81,6 +83,7 @@ class Stack:
     triton_http_port: int
     triton_metrics_port: int
     metrics_port: int
+    app_port: int
     scrape_interval: str
 
     @classmethod
@@ -98,6 +101,7 @@ class Stack:
             triton_http_port=int(env("TRITON_HTTP_PORT") or 8000),
             triton_metrics_port=int(env("TRITON_METRICS_PORT") or 8002),
             metrics_port=int(env("PROMETHEUS_PORT") or 8003),
+            app_port=int(env("CIFAR_APP_PORT") or 8501),
             scrape_interval=env("CIFAR_STACK_SCRAPE_INTERVAL") or "15s",
         )
 
@@ -153,6 +157,8 @@ class Stack:
             "TRITON_HTTP_PORT": str(self.triton_http_port),
             "TRITON_METRICS_PORT": str(self.triton_metrics_port),
             "PROMETHEUS_PORT": str(self.metrics_port),
+            "CIFAR_APP_PORT": str(self.app_port),
+            "CIFAR_DAGSTER_URL": f"http://{HOST}:{self.webserver_port}",
         }
 
     def process_env(self) -> dict[str, str]:
@@ -441,6 +447,14 @@ def metrics_ready(stack: Stack) -> bool:
     return http_ok(f"http://{HOST}:{stack.metrics_port}/metrics")
 
 
+def app_start(stack: Stack) -> None:
+    spawn(stack, "app", [str(BIN / "cifar-app")])
+
+
+def app_ready(stack: Stack) -> bool:
+    return http_ok(f"http://{HOST}:{stack.app_port}/_stcore/health")
+
+
 def code_server_start(stack: Stack) -> None:
     spawn(
         stack,
@@ -580,6 +594,7 @@ REGISTRY: dict[str, Service] = {
     "webserver": Service(webserver_start, webserver_ready, 240),
     "daemon": Service(daemon_start, daemon_ready, 240),
     "prometheus": Service(prometheus_start, prometheus_ready, 60),
+    "app": Service(app_start, app_ready, 120),
 }
 
 
