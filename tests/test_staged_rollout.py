@@ -127,7 +127,11 @@ def test_a_whole_staged_rollout_under_load_fails_no_request(
     same = tmp_path / "same.onnx"
     shutil.copy(onnx_models[1], same)
     rollout = setup_versions(env, tmp_path, {1: onnx_models[1], 2: onnx_models[2], 3: same})
-    plan = RolloutPlan(shadow_requests=150, steps=(0.05, 0.25, 0.5), min_requests=30)
+    # The same file on both sides: the latency ratio only measures noise here, which on two
+    # shared cores reaches 1.5 now and then at a p95 of a few dozen requests.
+    plan = RolloutPlan(
+        shadow_requests=150, steps=(0.05, 0.25, 0.5), min_requests=60, max_p95_latency_ratio=2.0
+    )
 
     without_shadow = p50_ms(env.http_url, 200)
     with Load(env.http_url) as load:
@@ -141,7 +145,7 @@ def test_a_whole_staged_rollout_under_load_fails_no_request(
 
     assert load.failures == [], load.failures[:5]
     assert [a["stage"] for a in acted] == ["shadow", "canary-0", "canary-1", "canary-2"], acted
-    assert all(a["action"] == "advance" for a in acted)
+    assert all(a["action"] == "advance" for a in acted), [(a["stage"], a["reason"]) for a in acted]
     final = rollout.state()
     assert (final.champion, final.challenger, final.weights, final.live_versions) == (
         3,

@@ -5,7 +5,8 @@ ab_router_model.py``) and by :func:`record_feedback`; every file is append-only 
 
     records/<utc-start>-<pid>.jsonl   one line per routed image: time, request_id, item (index
                                       in its request), user_id, served_version, predicted_class,
-                                      predicted_label, confidence, latency_ms (router side);
+                                      predicted_label, confidence, latency_ms (router side),
+                                      model_ms (the version's model CPU time per image);
                                       written before the router answers the request
     inputs/<utc-start>-<pid>-<n>.npz  sampled pixels: images uint8 (N, 32, 32, 3), request_ids
     feedback.jsonl                    time, request_id, item, label
@@ -59,6 +60,7 @@ CAPTURE_COLUMNS = (
     "predicted_label",
     "confidence",
     "latency_ms",
+    "model_ms",
 )
 FEEDBACK_COLUMNS = ("feedback_time", "request_id", "item", "label")
 
@@ -96,7 +98,7 @@ def read_capture(capture_dir: Path) -> pd.DataFrame:
     frame["time"] = pd.to_datetime(frame["time"], utc=True, format="ISO8601")
     for column in ("item", "served_version", "predicted_class"):
         frame[column] = frame[column].astype("int64")
-    for column in ("confidence", "latency_ms"):
+    for column in ("confidence", "latency_ms", "model_ms"):
         frame[column] = frame[column].astype("float64")
     return frame.sort_values(["time", "request_id", "item"], kind="stable").reset_index(drop=True)
 

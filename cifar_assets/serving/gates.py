@@ -80,7 +80,7 @@ def _latency_gate(candidate: float | None, champion: float | None, plan: Rollout
         ratio,
         plan.max_p95_latency_ratio,
         f"challenger p95 {candidate or 0:.2f} ms against champion p95 {champion or 0:.2f} ms "
-        "(model CPU time per image in shadow, router latency in a canary)",
+        "(model CPU time per image; router latency where the router does not record it)",
     )
 
 
@@ -211,6 +211,10 @@ def _judge_canary(
     attempts = counts[challenger] + failures[challenger]
     error_rate = failures[challenger] / attempts if attempts else 0.0
     rows = served["served_version"]
+    # The versions' own model time per image where the router records it (inprocess): the
+    # router's latency of a version that runs second in a mixed batch includes the first's.
+    cost = "model_ms" if served["model_ms"].notna().all() and len(served) else "latency_ms"
+    evidence["latency_measure"] = cost
     gates = [
         Gate(
             "sample_ratio",
@@ -227,8 +231,8 @@ def _judge_canary(
             f"{failures[challenger]} of {attempts} requests failed on v{challenger}",
         ),
         _latency_gate(
-            _p95(served.loc[rows == challenger, "latency_ms"]),
-            _p95(served.loc[rows == champion, "latency_ms"]),
+            _p95(served.loc[rows == challenger, cost]),
+            _p95(served.loc[rows == champion, cost]),
             plan,
         ),
     ]

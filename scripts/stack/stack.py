@@ -646,7 +646,7 @@ def up(stack: Stack) -> dict[str, float]:
         postgres_up(stack)
     mark("postgres")
     # Independent of each other: start together, then wait for each.
-    parallel = ("mlflow", "triton", "metrics", "code_server", "prometheus")
+    parallel = ("mlflow", "triton", "metrics", "code_server", "prometheus", "app")
     for name in parallel:
         if not REGISTRY[name].ready(stack):
             REGISTRY[name].start(stack)
@@ -655,7 +655,7 @@ def up(stack: Stack) -> dict[str, float]:
     for name in ("webserver", "daemon"):
         if not REGISTRY[name].ready(stack):
             REGISTRY[name].start(stack)
-    for name in ("mlflow", "triton", "metrics", "prometheus", "webserver", "daemon"):
+    for name in ("mlflow", "triton", "metrics", "prometheus", "webserver", "daemon", "app"):
         wait_ready(stack, name)
         mark(name)
     ready_at["total"] = round(time.monotonic() - started, 1)

@@ -175,6 +175,9 @@ class CaptureWriter:
             "user_id": entry["user_id"],
             "served_version": entry["version"],
             "latency_ms": round(entry["latency_ms"], 3),
+            # The version's own model CPU time per image (inprocess mode): comparable between
+            # versions, while latency_ms of a later group in a batch includes earlier groups.
+            "model_ms": None if entry.get("model_ms") is None else round(entry["model_ms"], 3),
         }
         # Strict JSON: the router never answers non-finite logits, so nothing here is NaN.
         head = json.dumps(shared, allow_nan=False)[:-1]
@@ -669,7 +672,12 @@ class TritonPythonModel:
         )
 
     def _record(
-        self, member: Routed, values: np.ndarray, when: str, latency_ms: float
+        self,
+        member: Routed,
+        values: np.ndarray,
+        when: str,
+        latency_ms: float,
+        model_ms: float | None = None,
     ) -> list[bytes]:
         """The request's capture lines (written by execute before it answers); its pixels go to
         the background thread if the request is sampled."""
@@ -685,6 +693,7 @@ class TritonPythonModel:
                 "version": member.version,
                 "logits": values,
                 "latency_ms": latency_ms,
+                "model_ms": model_ms,
             }
         )
 
@@ -756,7 +765,7 @@ class TritonPythonModel:
                         pb_utils.Tensor("served_version", served),
                     ]
                 )
-                rows.extend(self._record(member, values, when, latency_ms))
+                rows.extend(self._record(member, values, when, latency_ms, model_ms))
                 if self._mirrors(version, member.request_id):
                     mirrored.append((member, batch, values, version, when, model_ms))
         self.capture.write(rows)  # before the responses leave: see the module's docstring
