@@ -155,6 +155,11 @@ def test_runs_of_ended_dagster_runs_are_failed_with_the_reason(store: str) -> No
     assert _run_status(store, finished_id) == "FINISHED"
     assert _run_status(store, other.info.run_id) == "RUNNING"
     assert end_runs_of_ended_dagster_runs(store, "no-such-experiment", statuses.get) == {}
+    # Its Dagster run ends: the next call ends it too.
+    statuses["alive"] = "SUCCESS"
+    assert list(end_runs_of_ended_dagster_runs(store, EXPERIMENT, statuses.get)) == [
+        other.info.run_id
+    ]
 
 
 def test_user_errors_say_what_and_where(store: str, tmp_path: Path) -> None:
