@@ -228,8 +228,10 @@ def evaluate_retraining(
     cursor = json.loads(context.cursor) if context.cursor else {}
     history = retraining_history(context.instance)
     seen = int(cursor.get("seen_through", 0))
-    new_reports = _drift_reports(context.instance, seen)
-    pending = [r for r in _drift_reports(context.instance, history.covered_through) if _drifted(r)]
+    # One read of the event log serves both questions: what is new, and what still waits.
+    reports = _drift_reports(context.instance, min(seen, history.covered_through))
+    new_reports = [r for r in reports if r.storage_id > seen]
+    pending = [r for r in reports if r.storage_id > history.covered_through and _drifted(r)]
 
     request: dg.RunRequest | None = None
     if not pending:
