@@ -27,6 +27,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from cifar_assets.data.imageset import CLASSES
+from cifar_assets.fileio import write_text_atomic
 from cifar_assets.logs import get_logger
 from cifar_assets.serving.repository import default_state_dir, read_ab_weights
 from cifar_assets.settings import get_settings
@@ -184,13 +185,10 @@ class MetricsExporter:
 
 def write_drift_status(storage_dir: Path, batch: str, score: float, drift: bool) -> None:
     """Written by the drift_report asset; read by the exporter for the drift gauge."""
-    path = storage_dir / "drift_report" / DRIFT_STATUS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(
-        json.dumps({"batch": batch, "score": score, "drift": drift, "time": time.time()})
+    write_text_atomic(
+        storage_dir / "drift_report" / DRIFT_STATUS_FILE,
+        json.dumps({"batch": batch, "score": score, "drift": drift, "time": time.time()}),
     )
-    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> None:

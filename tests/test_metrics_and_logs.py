@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from cifar_assets.fileio import write_json_atomic
 from cifar_assets.logs import configure_logging, get_logger
 from cifar_assets.metrics import MetricsExporter, write_drift_status
 from cifar_assets.serving.capture import record_feedback
@@ -128,8 +129,6 @@ def test_a_half_written_line_waits_for_the_next_poll(tmp_path: Path) -> None:
 
 
 def test_router_weights_are_a_gauge_that_follows_the_file(tmp_path: Path) -> None:
-    from cifar_assets.serving.repository import write_json_atomic
-
     state = tmp_path / "triton"
     exporter = MetricsExporter(tmp_path / "capture", tmp_path / "storage", state_dir=state)
     write_json_atomic(state / "ab_weights.json", {"weights": {"1": 0.9, "2": 0.1}})

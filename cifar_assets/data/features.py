@@ -15,7 +15,6 @@ re-materialized.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import cached_property
@@ -34,6 +33,7 @@ from cifar_assets.data.statistics import (
     luma,
     quadratic_form,
 )
+from cifar_assets.fileio import replace_atomic
 from cifar_assets.progress import ProgressReporter
 
 SCHEMA_VERSION = "1"
@@ -425,15 +425,7 @@ class FeatureStore:
         metadata[GROUPS_KEY] = json.dumps([asdict(group) for group in self._groups]).encode()
         arrow = arrow.replace_schema_metadata(metadata)
 
-        target = self.path(name)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        try:
-            pq.write_table(arrow, temporary)
-            os.replace(temporary, target)
-        finally:
-            temporary.unlink(missing_ok=True)
-        return target
+        return replace_atomic(self.path(name), lambda path: pq.write_table(arrow, path))
 
     def _validate(self, table: pd.DataFrame, name: str) -> None:
         where = f"feature table {name!r}"

@@ -31,6 +31,7 @@ from cifar_assets.drift.detectors import (
     UncertaintyKSDetector,
     check_probabilities,
 )
+from cifar_assets.fileio import write_text_atomic
 
 BASELINE_FORMAT_VERSION = 1
 BASELINE_FILE = "baseline.json"
@@ -97,7 +98,7 @@ class DriftBaseline:
             },
             "detectors": {name: detector.params() for name, detector in self._detectors().items()},
         }
-        (directory / BASELINE_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        write_text_atomic(directory / BASELINE_FILE, json.dumps(summary, indent=2) + "\n")
 
     @classmethod
     def load(cls, directory: Path, expected_model_version: str | None = None) -> DriftBaseline:

@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from cifar_assets.data.imageset import CLASSES
+from cifar_assets.fileio import write_text_atomic
 from cifar_assets.progress import ProgressReporter
 
 if TYPE_CHECKING:
@@ -113,7 +114,7 @@ class _AlibiDetector:
             "format_version": DETECTOR_FORMAT_VERSION,
             "params": self.params(),
         }
-        (directory / PARAMS_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        write_text_atomic(directory / PARAMS_FILE, json.dumps(meta, indent=2) + "\n")
 
     @classmethod
     def load(cls, directory: Path) -> Self:

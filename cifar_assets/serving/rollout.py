@@ -37,6 +37,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from cifar_assets.fileio import write_json_atomic
 from cifar_assets.ml import registry
 from cifar_assets.serving import repository
 
@@ -233,7 +234,7 @@ class Rollout:
         return settings
 
     def _write_settings(self, settings: Mapping[str, Any]) -> None:
-        repository.write_json_atomic(self.state_dir / ROLLOUT_STATE_FILE, dict(settings))
+        write_json_atomic(self.state_dir / ROLLOUT_STATE_FILE, dict(settings))
 
     def _read_shadow(self) -> tuple[int, float] | None:
         path = self.state_dir / SHADOW_FILE
@@ -244,7 +245,7 @@ class Rollout:
 
     def _write_shadow(self, shadow: tuple[int, float] | None) -> None:
         value = {"version": shadow[0], "share": shadow[1]} if shadow else None
-        repository.write_json_atomic(self.state_dir / SHADOW_FILE, value)
+        write_json_atomic(self.state_dir / SHADOW_FILE, value)
 
     def state(self) -> LifecycleState:
         aliases = registry.aliases(self.tracking_uri, self.model_name)
