@@ -195,6 +195,32 @@ def test_wilson_interval_matches_published_values() -> None:
     low, high = wilson_interval(81, 263, alpha=0.05)
     assert (low, high) == pytest.approx((0.2553, 0.3662), abs=5e-4)
     assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=5e-4)
+    # Values of the closed form (z = ndtri(1 - alpha/2)) this project used before scipy's, to
+    # float precision; the 99% and 80% levels check that alpha reaches the interval.
+    assert wilson_interval(81, 263) == pytest.approx((0.2552885198782742, 0.3662095769828000))
+    assert wilson_interval(10, 10) == pytest.approx((0.7224672001371107, 1.0))
+    assert wilson_interval(997, 1000, alpha=0.01) == pytest.approx(
+        (0.9882064833170751, 0.9992418987689385)
+    )
+    assert wilson_interval(5, 7, alpha=0.2) == pytest.approx(
+        (0.47246281655659694, 0.8746640094625457)
+    )
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_srm_p_values_match_the_chi_square_distribution() -> None:
+    # chi2 = 1 with one degree of freedom: P(X > 1) = 0.3173105 (two-sided 1-sigma); with two
+    # degrees of freedom P(X > 5) = exp(-5/2).
+    def srm(counts: dict[int, int], weights: dict[int, float]) -> tuple[float, float]:
+        served = np.repeat(list(counts), list(counts.values()))
+        records = pd.DataFrame({"served_version": served, "correct": np.nan, "latency_ms": 1.0})
+        report = analyse_ab(records, weights, 1, 2)
+        return report.srm.chi_square, report.srm.p_value
+
+    assert srm({1: 55, 2: 45}, {1: 0.5, 2: 0.5}) == pytest.approx((1.0, 0.31731050786291115))
+    assert srm({1: 30, 2: 40, 3: 50}, {1: 1.0, 2: 1.0, 3: 2.0}) == pytest.approx(
+        (5.0, np.exp(-2.5))
+    )
 
 
 def test_bad_records_are_refused_with_a_hint() -> None:

@@ -112,16 +112,14 @@ class ABReport:
 
 
 def wilson_interval(successes: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion; stays inside [0, 1] at 0 or n successes."""
-    from scipy.special import ndtri
+    """Wilson score interval for a binomial proportion; stays inside [0, 1] at 0 or n successes.
+    ``(0, 1)`` when there are no trials."""
+    from scipy.stats import binomtest
 
     if n == 0:
         return (0.0, 1.0)
-    z = float(ndtri(1 - alpha / 2))
-    rate = successes / n
-    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * np.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (float(max(0.0, centre - half)), float(min(1.0, centre + half)))
+    interval = binomtest(successes, n).proportion_ci(confidence_level=1 - alpha, method="wilson")
+    return (float(interval.low), float(interval.high))
 
 
 def two_proportion_z_test(
@@ -278,7 +276,7 @@ def _check_inputs(
 
 
 def _srm_check(version: np.ndarray, intended_weights: dict[int, float]) -> SRMCheck:
-    from scipy.special import chdtrc
+    from scipy.stats import chisquare
 
     weighted = sorted(v for v, w in intended_weights.items() if w > 0)
     total_weight = sum(intended_weights[v] for v in weighted)
@@ -289,8 +287,8 @@ def _srm_check(version: np.ndarray, intended_weights: dict[int, float]) -> SRMCh
     if n == 0 or len(weighted) < 2:
         chi_square, p_value = 0.0, 1.0
     else:
-        chi_square = float(sum((observed[v] - expected[v]) ** 2 / expected[v] for v in weighted))
-        p_value = float(chdtrc(len(weighted) - 1, chi_square))
+        test = chisquare([observed[v] for v in weighted], [expected[v] for v in weighted])
+        chi_square, p_value = float(test.statistic), float(test.pvalue)
     return SRMCheck(
         observed=observed,
         expected=expected,
