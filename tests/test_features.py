@@ -155,6 +155,21 @@ def test_known_images_give_known_values() -> None:
     assert halves_row["jpeg_blockiness"] > 1.5
 
 
+def test_high_frequency_ratio_of_single_dct_frequencies() -> None:
+    # A grey image whose rows are one DCT-II basis cosine has all its AC energy at (0, u):
+    # all of it counts as high frequency for u >= HIGH_FREQUENCY_START, none of it below;
+    # rounding to uint8 adds only a little broadband energy.
+    def cosine(u: int) -> np.ndarray:
+        x = np.arange(32)
+        row = 128 + 60 * np.cos(np.pi * (2 * x + 1) * u / 64)
+        return np.repeat(np.rint(np.tile(row, (32, 1)))[..., None], 3, axis=2).astype(np.uint8)
+
+    start = features.HIGH_FREQUENCY_START
+    table = compute_features(as_set(np.stack([cosine(3), cosine(start), cosine(31)]), False))
+    ratios = table["high_frequency_ratio"].to_numpy()
+    assert ratios == pytest.approx([0.0, 1.0, 1.0], abs=1e-3)
+
+
 def test_rows_do_not_depend_on_the_batch_and_labels_are_not_needed() -> None:
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, size=(features._CHUNK + 100, 32, 32, 3), dtype=np.uint8)

@@ -26,13 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cifar_assets.data.imageset import ImageSet
-from cifar_assets.data.statistics import (
-    LUMA_WEIGHTS_64,
-    channel_moments,
-    dct_matrix,
-    luma,
-    quadratic_form,
-)
+from cifar_assets.data.statistics import ColourStatistics, colour_statistics, luma
 from cifar_assets.fileio import replace_atomic
 from cifar_assets.progress import ProgressReporter
 
@@ -177,8 +171,8 @@ class _Chunk:
         self.luma = luma(images)
 
     @cached_property
-    def moments(self) -> tuple[np.ndarray, np.ndarray]:
-        return channel_moments(self.images)
+    def colour(self) -> ColourStatistics:
+        return colour_statistics(self.images)
 
     @cached_property
     def padded_luma(self) -> np.ndarray:
@@ -191,14 +185,11 @@ class _Chunk:
 
 
 def _colour(chunk: _Chunk) -> Values:
-    means, covariance = chunk.moments
-    stds = np.sqrt(np.clip(np.diagonal(covariance, axis1=1, axis2=2), 0.0, None))
+    colour = chunk.colour
+    means, stds = colour.means, colour.stds
     red_green = np.array([1.0, -1.0, 0.0])
     yellow_blue = np.array([0.5, 0.5, -1.0])
-    opponent_spread = np.sqrt(
-        np.clip(quadratic_form(covariance, red_green), 0.0, None)
-        + np.clip(quadratic_form(covariance, yellow_blue), 0.0, None)
-    )
+    opponent_spread = np.hypot(colour.spread(red_green), colour.spread(yellow_blue))
     opponent_mean = np.hypot(means @ red_green, means @ yellow_blue)
 
     # channel-wise maximum/minimum on uint8 views: reductions over a length-3 axis are slow
@@ -242,7 +233,6 @@ def _entropy_bits(histogram: np.ndarray) -> np.ndarray:
 
 
 def _intensity(chunk: _Chunk) -> Values:
-    means, covariance = chunk.moments
     n, pixels = len(chunk.luma), chunk.luma[0].size
     levels = np.rint(chunk.luma).astype(np.int64).reshape(n, pixels)
     levels += (np.arange(n) * 256)[:, None]
@@ -253,8 +243,8 @@ def _intensity(chunk: _Chunk) -> Values:
     dark = histogram[:, : CLIP_LEVELS + 1].sum(axis=1)
     bright = histogram[:, 255 - CLIP_LEVELS :].sum(axis=1)
     return {
-        "brightness": means @ LUMA_WEIGHTS_64,
-        "contrast": np.sqrt(np.clip(quadratic_form(covariance, LUMA_WEIGHTS_64), 0.0, None)),
+        "brightness": chunk.colour.brightness,
+        "contrast": chunk.colour.contrast,
         "dynamic_range": (high - low).astype(np.float64),
         "intensity_entropy": _entropy_bits(histogram),
         "clipped_fraction": (dark + bright) / pixels,
@@ -262,6 +252,8 @@ def _intensity(chunk: _Chunk) -> Values:
 
 
 def _texture(chunk: _Chunk) -> Values:
+    from scipy.fft import dctn
+
     shifted, luma, padded = chunk.shifted, chunk.luma, chunk.padded_luma
     # Sobel is separable: [1, 2, 1] smoothing across the derivative, [-1, 0, 1] along it
     smooth_rows = padded[:, :-2, :] + 2 * padded[:, 1:-1, :] + padded[:, 2:, :]
@@ -272,7 +264,7 @@ def _texture(chunk: _Chunk) -> Values:
     laplacian = shifted(-1, 0) + shifted(1, 0) + shifted(0, -1) + shifted(0, 1) - 4 * luma
 
     rows, cols = luma.shape[1:]
-    spectrum = _dct32(rows) @ luma @ _dct32(cols).T
+    spectrum = dctn(luma, type=2, norm="ortho", axes=(1, 2))
     energy = (spectrum * spectrum).reshape(len(luma), -1)
     high_band = (np.add.outer(np.arange(rows), np.arange(cols)) >= HIGH_FREQUENCY_START).ravel()
     ac_energy = energy.sum(axis=1) - energy[:, 0]
@@ -285,10 +277,6 @@ def _texture(chunk: _Chunk) -> Values:
             high_energy, ac_energy, out=np.zeros_like(ac_energy), where=ac_energy > 1e-6
         ),
     }
-
-
-def _dct32(size: int) -> np.ndarray:
-    return dct_matrix(size).astype(np.float32)
 
 
 def _noise(chunk: _Chunk) -> Values:

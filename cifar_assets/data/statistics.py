@@ -62,32 +62,23 @@ def luma(images: np.ndarray, dtype: type[np.floating] = np.float32) -> np.ndarra
     return channels[0] * weights[0] + channels[1] * weights[1] + channels[2] * weights[2]
 
 
-def dct_matrix(size: int) -> np.ndarray:
-    """Orthonormal DCT-II matrix: ``dct_matrix(n) @ x`` equals ``scipy.fft.dct(x, norm="ortho")``."""
-    frequency = np.arange(size)[:, None]
-    position = np.arange(size)[None, :]
-    matrix = np.cos(np.pi * (2 * position + 1) * frequency / (2 * size)) * np.sqrt(2 / size)
-    matrix[0] /= np.sqrt(2)
-    return matrix
-
-
 def perceptual_hashes(images: np.ndarray) -> np.ndarray:
     """64-bit DCT pHash of each image as uint64 (N,).
 
-    The orthonormal 2-D DCT-II of the luma is taken, its 8x8 lowest frequencies kept, and each bit
-    says whether a coefficient lies above the median of those 64 (the imagehash convention, DC
-    included). Only the 8 lowest rows of the DCT matrix are multiplied in, which is all pHash
-    needs. A uniform brightness shift moves only the DC term, so the hash survives it; small noise
+    The orthonormal 2-D DCT-II of the luma (``scipy.fft.dctn``) is taken, its 8x8 lowest
+    frequencies kept, and each bit says whether a coefficient lies above the median of those 64
+    (the imagehash convention, DC included). A uniform brightness shift moves only the DC term, so the hash survives it; small noise
     flips only coefficients close to the median.
     """
+    from scipy.fft import dctn
+
     images = np.asarray(images)
     hashes = np.empty(len(images), dtype=np.uint64)
-    low_rows = dct_matrix(images.shape[1])[:PHASH_SIDE]
-    low_cols = dct_matrix(images.shape[2])[:PHASH_SIDE].T
     weights = np.uint64(1) << np.arange(PHASH_BITS - 1, -1, -1, dtype=np.uint64)
     for start in range(0, len(images), _CHUNK):
         block = luma(images[start : start + _CHUNK], np.float64)
-        low = (low_rows @ block @ low_cols).reshape(len(block), PHASH_BITS)
+        spectrum = dctn(block, type=2, norm="ortho", axes=(1, 2))
+        low = spectrum[:, :PHASH_SIDE, :PHASH_SIDE].reshape(len(block), PHASH_BITS)
         # rounding drops float noise, so a flat image hashes to 0x8000000000000000 on every machine
         low = np.round(low, 6)
         bits = low > np.median(low, axis=1, keepdims=True)
@@ -251,8 +242,37 @@ def single_colour(images: np.ndarray) -> np.ndarray:
     return flags
 
 
-def channel_moments(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-image channel means (N, 3) and channel covariance (N, 3, 3), float64, 0..255 scale.
+@dataclass(frozen=True)
+class ColourStatistics:
+    """Per-image colour moments on the 0..255 scale, float64: the one place the channel means,
+    standard deviations and BT.601 luma brightness and contrast are computed."""
+
+    means: np.ndarray  # (N, 3) channel means
+    covariance: np.ndarray  # (N, 3, 3) channel covariance over the pixels
+
+    @property
+    def stds(self) -> np.ndarray:
+        """(N, 3) channel standard deviations."""
+        return np.sqrt(np.clip(np.diagonal(self.covariance, axis1=1, axis2=2), 0.0, None))
+
+    @property
+    def brightness(self) -> np.ndarray:
+        """(N,) mean luma."""
+        return np.asarray(self.means @ LUMA_WEIGHTS_64)
+
+    @property
+    def contrast(self) -> np.ndarray:
+        """(N,) standard deviation of luma."""
+        return self.spread(LUMA_WEIGHTS_64)
+
+    def spread(self, weights: np.ndarray) -> np.ndarray:
+        """(N,) standard deviation of the weighted channel sum ``weights @ pixel``."""
+        variance = np.einsum("c,ncd,d->n", weights, self.covariance, weights)
+        return np.sqrt(np.clip(variance, 0.0, None))
+
+
+def colour_statistics(images: np.ndarray) -> ColourStatistics:
+    """Channel means and covariances of uint8 RGB images (N, H, W, 3).
 
     Sums and products of uint8 values stay integers far below 2**53, so both are exact in
     float64; two batched matrix products replace several slower strided reductions.
@@ -270,12 +290,7 @@ def channel_moments(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         gram[start : start + len(block)] = block.transpose(0, 2, 1) @ block
     means = sums / pixels_per_image
     covariance = gram / pixels_per_image - means[:, :, None] * means[:, None, :]
-    return means, covariance
-
-
-def quadratic_form(covariance: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Variance (N,) of the weighted channel sum ``weights @ pixel`` from covariances (N, 3, 3)."""
-    return np.einsum("c,ncd,d->n", weights, covariance, weights)
+    return ColourStatistics(means, covariance)
 
 
 def image_statistics(splits: Splits) -> pd.DataFrame:
@@ -291,10 +306,8 @@ def image_statistics(splits: Splits) -> pd.DataFrame:
     for split, part in splits.items():
         images = part.images
         n = len(images)
-        means, covariance = channel_moments(images)
-        stds = np.sqrt(np.clip(np.diagonal(covariance, axis1=1, axis2=2), 0.0, None))
-        brightness = means @ LUMA_WEIGHTS_64
-        contrast = np.sqrt(np.clip(quadratic_form(covariance, LUMA_WEIGHTS_64), 0.0, None))
+        colour = colour_statistics(images)
+        means, stds = colour.means, colour.stds
         flat = images.reshape(n, -1)
         lowest = flat.min(axis=1) if n else np.empty(0, dtype=np.uint8)
         highest = flat.max(axis=1) if n else np.empty(0, dtype=np.uint8)
@@ -313,8 +326,8 @@ def image_statistics(splits: Splits) -> pd.DataFrame:
                     "std_b": stds[:, 2],
                     "min": lowest.astype(np.int64),
                     "max": highest.astype(np.int64),
-                    "brightness": brightness,
-                    "contrast": contrast,
+                    "brightness": colour.brightness,
+                    "contrast": colour.contrast,
                     "is_constant": single_colour(images),
                     "content_hash": [content_hash(image) for image in images],
                     "phash": hashes_to_hex(perceptual_hashes(images)),
