@@ -12,6 +12,10 @@ A line is due when the time since the last one plus the typical duration of one 
 ``interval_s``, so on steady work the gap between lines stays under the interval instead of
 drifting just past it. Work that finishes within the interval logs nothing but its last line.
 
+One long library call that reports nothing itself (alibi-detect's MMD permutation test) runs
+inside :func:`heartbeat` instead: a helper thread logs how long it has been running at the same
+interval, and a last line says how long it took.
+
 ``CIFAR_PROGRESS_BAR=0`` turns the bars off (log lines stay): for CI logs, or a terminal that
 renders carriage returns badly.
 """
@@ -20,8 +24,10 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import TracebackType
 from typing import Any, Self
 
@@ -141,3 +147,35 @@ class ProgressReporter:
             self._closed = True
             if self._bar is not None:
                 self._bar.close()
+
+
+@contextmanager
+def heartbeat(
+    what: str,
+    log: Callable[[str], None] | None,
+    interval_s: float = DEFAULT_INTERVAL_S,
+    clock: Callable[[], float] = time.monotonic,
+) -> Iterator[None]:
+    """Log ``what: running for ...`` every ``interval_s`` while the block runs, from a helper
+    thread (the block's own work stays on the calling thread), then ``what: done in ...``.
+    With ``log`` None the block just runs."""
+    if log is None:
+        yield
+        return
+    if interval_s <= 0:
+        raise ValueError(f"heartbeat({what!r}): interval_s={interval_s} must be > 0.")
+    started = clock()
+    finished = threading.Event()
+
+    def beat() -> None:
+        while not finished.wait(interval_s):
+            log(f"{what}: running for {_duration(clock() - started)}")
+
+    thread = threading.Thread(target=beat, name=f"heartbeat: {what}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        finished.set()
+        thread.join()
+    log(f"{what}: done in {_duration(clock() - started)}")

@@ -3,9 +3,11 @@ command-line bar and its switch, on a fake clock so the timing is exact."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
-from cifar_assets.progress import BAR_ENV, ProgressReporter, bars_enabled
+from cifar_assets.progress import BAR_ENV, ProgressReporter, bars_enabled, heartbeat
 
 
 class FakeClock:
@@ -78,3 +80,21 @@ def test_bad_arguments_name_the_reporter() -> None:
         ProgressReporter("x", -1)
     with pytest.raises(ValueError, match=r"interval_s=0 must be > 0"):
         ProgressReporter("x", 1, interval_s=0)
+
+
+def test_heartbeat_logs_while_the_block_runs_and_when_it_is_done() -> None:
+    lines: list[str] = []
+    with heartbeat("slow call", lines.append, interval_s=0.05):
+        time.sleep(0.3)
+    running = [line for line in lines if line.startswith("slow call: running for ")]
+    assert 2 <= len(running) <= 7, lines
+    assert lines[-1].startswith("slow call: done in ")
+    count = len(lines)
+    time.sleep(0.15)
+    assert len(lines) == count  # the helper thread has stopped
+
+    with pytest.raises(RuntimeError, match="boom"), heartbeat("failing", lines.append):
+        raise RuntimeError("boom")
+    assert not any(line.startswith("failing: done") for line in lines)
+    with heartbeat("silent", None):
+        pass
