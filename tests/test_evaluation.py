@@ -21,6 +21,7 @@ from cifar_assets.ml.evaluation import (
     evaluate,
     per_class_accuracy_png,
     predict_logits,
+    softmax,
     training_curves_png,
 )
 from cifar_assets.ml.model import Architecture, build_resnet18
@@ -213,5 +214,16 @@ def test_forward_input_checks(network: torch.nn.Module) -> None:
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
-    exp = np.exp(logits - logits.max(1, keepdims=True))
-    return exp / exp.sum(1, keepdims=True)
+    """An independent reference: torch's softmax, in float64."""
+    return torch.softmax(torch.from_numpy(logits.astype(np.float64)), dim=1).numpy()
+
+
+def test_softmax_is_stable_and_keeps_the_dtype() -> None:
+    logits = np.array([[1000.0, 0.0, -1000.0], [0.0, 0.0, 0.0], [1.0, 2.0, 3.0]], np.float32)
+    probabilities = softmax(logits)
+    assert probabilities.dtype == np.float32
+    assert np.isfinite(probabilities).all()
+    np.testing.assert_allclose(probabilities[0], [1.0, 0.0, 0.0])
+    np.testing.assert_allclose(probabilities[1], [1 / 3] * 3, rtol=1e-6)
+    # e^k / (e + e^2 + e^3) for k = 1, 2, 3
+    np.testing.assert_allclose(probabilities[2], [0.09003057, 0.24472847, 0.66524096], rtol=1e-6)

@@ -136,9 +136,12 @@ def _check_images(images: np.ndarray) -> None:
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    return np.asarray(exp / exp.sum(axis=1, keepdims=True))
+    """Class probabilities of logits (N, C), row by row, in the logits' float dtype; the one
+    softmax of the library (scipy's, which shifts by the row maximum, so large logits do not
+    overflow). The Triton model files keep their own copy: they must run on their own."""
+    from scipy.special import softmax as scipy_softmax
+
+    return np.asarray(scipy_softmax(logits, axis=1))
 
 
 def evaluate(
@@ -150,6 +153,8 @@ def evaluate(
     classes present in the labels or the predictions, as scikit-learn does: a class absent from
     both has no defined F1 and must not drag the mean to zero.
     """
+    from scipy.special import log_softmax
+
     logits = np.asarray(logits, dtype=np.float64)
     labels = np.asarray(labels)
     classes = len(class_names)
@@ -182,7 +187,7 @@ def evaluate(
     present = (support + predicted_count) > 0
 
     probabilities = softmax(logits)
-    log_probabilities = logits - _logsumexp(logits)
+    log_probabilities = log_softmax(logits, axis=1)
     ranked = np.argsort(-logits, axis=1, kind="stable")
     top_k = {
         k: float((ranked[:, : min(k, classes)] == labels[:, None]).any(axis=1).mean())
@@ -299,11 +304,6 @@ def _safe_divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
     result = np.zeros(numerator.shape, dtype=np.float64)
     np.divide(numerator, denominator, out=result, where=denominator != 0)
     return result
-
-
-def _logsumexp(logits: np.ndarray) -> np.ndarray:
-    peak = logits.max(axis=1, keepdims=True)
-    return np.asarray(peak + np.log(np.exp(logits - peak).sum(axis=1, keepdims=True)))
 
 
 def _figure(width: float, height: float, columns: int = 1) -> tuple[Any, Any]:
