@@ -13,6 +13,7 @@ from mlflow import MlflowClient
 
 from cifar_assets.ml.tracking import (
     PARENT_RUN_TAG,
+    all_pages,
     client_for,
     default_artifact_location,
     end_runs_of_ended_dagster_runs,
@@ -197,3 +198,32 @@ def test_tracking_run_leaves_the_tracking_uri_variable_as_it_was(
         pass
     assert os.environ["MLFLOW_TRACKING_URI"] == uri
     assert run_url(uri, run_id).endswith(run_id)
+
+
+def test_all_pages_follows_page_tokens_to_the_end() -> None:
+    from mlflow.store.entities.paged_list import PagedList
+
+    pages = {None: PagedList([1, 2], "b"), "b": PagedList([3], "c"), "c": PagedList([], None)}
+    asked: list[str | None] = []
+
+    def search(token: str | None) -> PagedList[int]:
+        asked.append(token)
+        return pages[token]
+
+    assert all_pages(search) == [1, 2, 3]
+    assert asked == [None, "b", "c"]
+
+
+def test_fluent_nested_runs_land_in_the_runs_experiment_and_variables_are_restored(
+    store: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    with tracking_run(store, EXPERIMENT, "parent", {}) as run_id:
+        child = mlflow.start_run(run_name="child", nested=True)
+        mlflow.end_run()
+    assert "MLFLOW_EXPERIMENT_ID" not in os.environ
+    client = client_for(store)
+    assert client.get_run(child.info.run_id).info.experiment_id == (
+        client.get_run(run_id).info.experiment_id
+    )
+    assert _children(store, run_id) == [child.info.run_id]

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from cifar_assets.ml.model import ARCH_FILE, WEIGHTS_FILE
 from cifar_assets.ml.tracking import (
+    all_pages,
     client_for,
     ensure_experiment,
     log_artifact,
@@ -111,14 +112,10 @@ class AliasMove:
 
 
 def _model_names(client: MlflowClient) -> list[str]:
-    names: list[str] = []
-    page_token = None
-    while True:
-        page = client.search_registered_models(max_results=1000, page_token=page_token)
-        names.extend(model.name for model in page)
-        page_token = page.token
-        if not page_token:
-            return sorted(names)
+    models = all_pages(
+        lambda page_token: client.search_registered_models(max_results=1000, page_token=page_token)
+    )
+    return sorted(model.name for model in models)
 
 
 def _aliases_of_model(client: MlflowClient, tracking_uri: str, name: str) -> dict[str, int]:
@@ -141,16 +138,12 @@ def _aliases_of_model(client: MlflowClient, tracking_uri: str, name: str) -> dic
 def _all_versions(client: MlflowClient, name: str) -> list[ModelVersion]:
     # search_model_versions returns empty aliases in MLflow 3; callers take aliases from
     # get_registered_model instead.
-    versions: list[ModelVersion] = []
-    page_token = None
-    while True:
-        page = client.search_model_versions(
+    versions = all_pages(
+        lambda page_token: client.search_model_versions(
             f"name = '{name}'", max_results=1000, page_token=page_token
         )
-        versions.extend(page)
-        page_token = page.token
-        if not page_token:
-            return sorted(versions, key=lambda version: int(version.version))
+    )
+    return sorted(versions, key=lambda version: int(version.version))
 
 
 def _version(client: MlflowClient, tracking_uri: str, name: str, version: int) -> ModelVersion:

@@ -21,16 +21,18 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import unquote, urlparse
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities import Run
+    from mlflow.store.entities.paged_list import PagedList
 
 LOCAL_UI_URL = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local (sqlite/file) store
 PARENT_RUN_TAG = "mlflow.parentRunId"
 MONITORING_EXPERIMENT_PREFIX = "monitoring/"  # + the registered model name
+T = TypeVar("T")
 _BATCH_LIMIT = 100  # MLflow's log_batch accepts at most 100 params and 1000 metrics per call
 
 
@@ -47,19 +49,23 @@ def scoped_tracking_uri(tracking_uri: str) -> Iterator[None]:
     """Point MLflow's fluent API at ``tracking_uri`` for the block, then restore the previous URI.
 
     Needed because some MLflow 3 calls (logging a model, registering a logged model, loading
-    ``models:/`` URIs) resolve the process-wide URI internally; MLflow offers no public scoped
-    setter, so this uses its internal one (present throughout MLflow 3).
+    ``models:/`` URIs) resolve the process-wide URI internally. MLflow has no public scoped
+    setter, so this pairs ``mlflow.get_tracking_uri`` with ``mlflow.set_tracking_uri``. The
+    previous URI comes back as the value it resolved to, so after the first block the fluent API
+    keeps that URI even if ``MLFLOW_TRACKING_URI`` changes later; the project passes URIs
+    explicitly and calls the fluent API only inside these blocks.
     """
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+    import mlflow
 
-    # MLflow's setter also writes MLFLOW_TRACKING_URI into os.environ and, on the way out,
-    # removes it when no URI had been set through the API: the project reads that variable
-    # (settings), so it is put back exactly as it was.
+    # MLflow's setter also writes MLFLOW_TRACKING_URI into os.environ: the project reads that
+    # variable (settings), so it is put back exactly as it was, unset included.
     saved = os.environ.get("MLFLOW_TRACKING_URI")
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking_uri)
     try:
-        with _use_tracking_uri(tracking_uri):
-            yield
+        yield
     finally:
+        mlflow.set_tracking_uri(previous)
         if saved is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
@@ -125,20 +131,28 @@ def _status_for(error: BaseException | None) -> str:
     return "KILLED"
 
 
+def all_pages(search: Callable[[str | None], PagedList[T]]) -> list[T]:
+    """Every item of a paged MLflow search: ``search(page_token)`` returns one page (a
+    ``PagedList`` whose ``token`` names the next page, empty after the last one)."""
+    items: list[T] = []
+    page_token = None
+    while True:
+        page = search(page_token)
+        items.extend(page)
+        page_token = page.token
+        if not page_token:
+            return items
+
+
 def search_all_runs(
     client: MlflowClient, experiment_ids: list[str], filter_string: str
 ) -> list[Run]:
     """All runs matching ``filter_string``, across result pages."""
-    runs: list[Run] = []
-    page_token = None
-    while True:
-        page = client.search_runs(
+    return all_pages(
+        lambda page_token: client.search_runs(
             experiment_ids, filter_string=filter_string, max_results=1000, page_token=page_token
         )
-        runs.extend(page)
-        page_token = page.token
-        if not page_token:
-            return runs
+    )
 
 
 def _end_running_descendants(client: MlflowClient, run: Run, status: str) -> list[str]:
@@ -159,22 +173,23 @@ def _end_running_descendants(client: MlflowClient, run: Run, status: str) -> lis
 
 
 @contextmanager
-def _scoped_fluent_experiment(experiment_id: str) -> Iterator[None]:
-    """Make ``experiment_id`` the fluent API's experiment for the block, then restore it.
+def _default_experiment(experiment_id: str) -> Iterator[None]:
+    """Make ``experiment_id`` the fluent API's default experiment for the block, through the
+    documented ``MLFLOW_EXPERIMENT_ID`` variable, then restore the variable exactly.
 
     Without this, ``mlflow.start_run(nested=True)`` in the body would put children in the
-    Default experiment, and resuming our run fails if the caller had set another experiment.
-    ``mlflow.set_experiment`` would also rewrite MLFLOW_EXPERIMENT_ID in the environment, so the
-    fluent module's variable is swapped directly.
+    Default experiment. An experiment the caller chose with ``mlflow.set_experiment`` takes
+    precedence over the variable; children then land there and still end with the run.
     """
-    from mlflow.tracking import fluent
-
-    previous = fluent._active_experiment_id
-    fluent._active_experiment_id = experiment_id  # type: ignore[assignment]
+    saved = os.environ.get("MLFLOW_EXPERIMENT_ID")
+    os.environ["MLFLOW_EXPERIMENT_ID"] = experiment_id
     try:
         yield
     finally:
-        fluent._active_experiment_id = previous
+        if saved is None:
+            os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+        else:
+            os.environ["MLFLOW_EXPERIMENT_ID"] = saved
 
 
 @contextmanager
@@ -196,16 +211,18 @@ def tracking_run(
 
     experiment_id = ensure_experiment(tracking_uri, experiment_name, artifact_location)
     client = client_for(tracking_uri)
-    run = client.create_run(
-        experiment_id, run_name=run_name, tags={key: str(value) for key, value in tags.items()}
-    )
-    run_id = run.info.run_id
     error: BaseException | None = None
-    with scoped_tracking_uri(tracking_uri), _scoped_fluent_experiment(experiment_id):
+    with scoped_tracking_uri(tracking_uri), _default_experiment(experiment_id):
         outer = mlflow.active_run()
         outer_id = outer.info.run_id if outer else None
+        run = mlflow.start_run(
+            experiment_id=experiment_id,
+            run_name=run_name,
+            nested=outer is not None,
+            tags={key: str(value) for key, value in tags.items()},
+        )
+        run_id = run.info.run_id
         try:
-            mlflow.start_run(run_id=run_id, nested=outer is not None)
             yield run_id
         except BaseException as exc:
             error = exc
