@@ -99,6 +99,7 @@ class MetricsExporter:
         self._predicted: dict[tuple[str, int], tuple[str, int]] = {}
         self._feedback_offset = 0
         self._correct: dict[str, list[int]] = {}
+        self._drift_status: dict[str, Any] | None = None
         self._log = get_logger("metrics")
 
     def poll(self) -> int:
@@ -143,6 +144,14 @@ class MetricsExporter:
             self.requests.labels("cifar10_ab", version).inc()
             self.ab_requests.labels(version).inc()
             self.latency.labels(version).observe(float(record["latency_ms"]) / 1000.0)
+            self._log.debug(
+                "request counted",
+                extra={
+                    "request_id": str(record["request_id"]),
+                    "version": version,
+                    "latency_ms": float(record["latency_ms"]),
+                },
+            )
 
     def _read_feedback(self) -> None:
         path = self.capture_dir / "feedback.jsonl"
@@ -157,6 +166,10 @@ class MetricsExporter:
             entry = json.loads(line)
             served = self._predicted.get((str(entry["request_id"]), int(entry.get("item", 0))))
             if served is None:
+                self._log.debug(
+                    "feedback for a request not seen in the capture",
+                    extra={"request_id": str(entry["request_id"])},
+                )
                 continue
             version, predicted = served
             tally = self._correct.setdefault(version, [0, 0])
@@ -170,17 +183,41 @@ class MetricsExporter:
             status = json.loads(path.read_text())
             self.drift_score.clear()
             self.drift_score.labels(status["batch"]).set(float(status["score"]))
+            if status != self._drift_status:
+                self._drift_status = status
+                self._log.info(
+                    "drift status read",
+                    extra={
+                        "batch": status["batch"],
+                        "score": float(status["score"]),
+                        "drift": bool(status["drift"]),
+                    },
+                )
 
     def serve(
         self, port: int, interval_s: float = 1.0, stop: threading.Event | None = None
     ) -> None:
         """Serve /metrics on ``port`` and poll every ``interval_s`` until ``stop`` is set."""
-        start_http_server(port, addr="127.0.0.1", registry=self.registry)
-        self._log.info("metrics exporter listening", extra={"port": port})
+        server, thread = start_http_server(port, addr="127.0.0.1", registry=self.registry)
+        self._log.info(
+            "metrics exporter listening",
+            extra={"port": port, "capture_dir": str(self.capture_dir), "interval_s": interval_s},
+        )
         stop = stop or threading.Event()
-        while not stop.is_set():
-            self.poll()
-            stop.wait(interval_s)
+        try:
+            while not stop.is_set():
+                new = self.poll()
+                if new:
+                    self._log.debug("capture records read", extra={"records": new})
+                stop.wait(interval_s)
+        except Exception:
+            self._log.exception("metrics exporter stopped by an error")
+            raise
+        finally:
+            server.shutdown()
+            server.server_close()
+            thread.join(5)
+        self._log.info("metrics exporter stopped", extra={"port": port})
 
 
 def write_drift_status(storage_dir: Path, batch: str, score: float, drift: bool) -> None:

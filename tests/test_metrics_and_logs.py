@@ -163,6 +163,41 @@ def test_logs_are_json_with_request_and_run_ids() -> None:
     assert all({"time", "level", "logger", "message"} <= set(e) for e in entries)
 
 
+def test_the_exporter_logs_json_lines_with_its_port_and_the_request_ids(tmp_path: Path) -> None:
+    import threading
+
+    records = tmp_path / "capture" / "records"
+    records.mkdir(parents=True)
+    record = {"request_id": "req-42", "item": 0, "served_version": 2, "predicted_class": 3}
+    (records / "a.jsonl").write_text(json.dumps({**record, "latency_ms": 5.0}) + "\n")
+    write_drift_status(tmp_path / "storage", "batch-3", 0.4, False)
+    (port,) = free_ports(1)
+    exporter = MetricsExporter(tmp_path / "capture", tmp_path / "storage")
+    stream = io.StringIO()
+    configure_logging("DEBUG", stream=stream)
+    stop = threading.Event()
+    thread = threading.Thread(target=exporter.serve, args=(port, 0.05, stop))
+    try:
+        thread.start()
+        deadline = time.monotonic() + 10
+        while "req-42" not in stream.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join(10)
+        configure_logging("INFO")
+    entries = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert {e["component"] for e in entries} == {"metrics"}
+    assert all({"time", "level", "logger", "message"} <= set(e) for e in entries)
+    (started,) = [e for e in entries if e["message"] == "metrics exporter listening"]
+    assert started["port"] == port and started["level"] == "INFO"
+    (counted,) = [e for e in entries if e.get("request_id") == "req-42"]
+    assert counted["version"] == "2" and counted["latency_ms"] == 5.0
+    (drift,) = [e for e in entries if e["message"] == "drift status read"]
+    assert (drift["batch"], drift["score"], drift["drift"]) == ("batch-3", 0.4, False)
+    assert entries[-1]["message"] == "metrics exporter stopped"
+
+
 def test_bad_log_level_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="LOG_LEVEL='LOUD'"):
         configure_logging("loud")
