@@ -273,7 +273,7 @@ def page(app_url: str) -> Iterator[Any]:
         )
         tab = browser.new_page(viewport={"width": 1280, "height": 1000})
         tab.set_default_timeout(60_000)  # 2 shared cores under load
-        tab.goto(app_url, wait_until="networkidle")
+        tab.goto(app_url, wait_until="load")
         yield tab
         browser.close()
 
@@ -461,7 +461,7 @@ def test_triton_stopped_gets_its_message(
     page: Any, app_url: str, triton_server: ServingEnv
 ) -> None:
     triton_server.server.stop()
-    page.goto(app_url, wait_until="networkidle")
+    page.goto(app_url, wait_until="load")
     page.get_by_text("The prediction service is not answering").wait_for()
     upload(page, "while_down.png", png_bytes(generate_synthetic(1, seed=4).images[0]))
     page.get_by_text("Not predicted: the prediction service cannot answer").wait_for()

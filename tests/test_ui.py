@@ -128,18 +128,18 @@ def test_dagster_ui_shows_assets_and_runs_the_data_job(
     )
     try:
         page = browser.new_page(viewport={"width": 1600, "height": 1000})  # type: ignore[attr-defined]
-        page.goto(f"{base}/asset-groups", wait_until="networkidle", timeout=120_000)
-        dismiss_welcome(page)
+        page.goto(f"{base}/asset-groups", wait_until="load", timeout=120_000)
         for group in ("data", "training", "serving", "monitoring"):
             page.get_by_text(group, exact=True).first.wait_for(timeout=60_000)
-        page.goto(f"{base}/assets", wait_until="networkidle", timeout=120_000)
+        dismiss_welcome(page)
+        page.goto(f"{base}/assets", wait_until="load", timeout=120_000)
         for asset in ("cifar10_raw", "validation_report", "trained_model", "triton_deployment"):
             page.get_by_text(asset, exact=True).first.wait_for(timeout=60_000)
         page.screenshot(path=str(ARTIFACTS / "dagster_assets.png"), full_page=True)
 
         page.goto(
             f"{base}/locations/cifar_assets/jobs/data_job/playground",
-            wait_until="networkidle",
+            wait_until="load",
             timeout=120_000,
         )
         editor = page.locator(".CodeMirror").first
@@ -209,7 +209,7 @@ def test_mlflow_ui_shows_the_registered_model(
     )
     try:
         page = browser.new_page(viewport={"width": 1600, "height": 1000})  # type: ignore[attr-defined]
-        page.goto(f"{base}/#/models", wait_until="networkidle", timeout=120_000)
+        page.goto(f"{base}/#/models", wait_until="load", timeout=120_000)
         page.get_by_text(settings.registered_model_name, exact=True).first.wait_for(timeout=60_000)
         page.screenshot(path=str(ARTIFACTS / "mlflow_models.png"), full_page=True)
         # MLflow announces its new registry UI in a dialog on a first visit
