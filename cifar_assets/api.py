@@ -13,6 +13,8 @@ cifar_assets.settings (environment variables), so no Dagster is needed::
     champion = api.load("champion")  # torch.nn.Module in eval mode
     api.export_onnx(champion, Path("champion.onnx"))
     api.rollback("accuracy dropped in production")
+    splits = api.training_data(champion_version)  # the exact data a version was trained on
+    api.diff_data("cifar10_splits", old_data_version, new_data_version)
 
 Every function takes ``tracking_uri`` and ``name`` keyword arguments to override the settings.
 """
@@ -33,6 +35,9 @@ if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
     import torch
+
+    from cifar_assets.data.imageset import Splits
+    from cifar_assets.storage import AssetStore, PartDiff, StoredVersion
 
 
 def _uri(tracking_uri: str | None) -> str:
@@ -180,3 +185,61 @@ def benchmark(
     from cifar_assets.ml.inference_bench import benchmark_onnx
 
     return benchmark_onnx(path, batch_size, n_batches, warmup, threads=threads)
+
+
+def _store(store: str | None) -> AssetStore:
+    from cifar_assets.storage import AssetStore
+
+    return AssetStore(store or get_settings().asset_store)
+
+
+def asset_versions(
+    asset: str, *, partition: str | None = None, store: str | None = None
+) -> list[StoredVersion]:
+    """Every stored materialization of ``asset`` (partition), oldest first: data version, file,
+    Dagster run and code version of each."""
+    return _store(store).history(asset, partition)
+
+
+def load_asset(
+    asset: str,
+    version: str | None = None,
+    *,
+    partition: str | None = None,
+    store: str | None = None,
+) -> Any:
+    """The stored value of ``asset``: its ``version`` (a data version, or a unique prefix of
+    one, as the Dagster UI shows it), else its latest materialization."""
+    return _store(store).load(asset, version, partition)
+
+
+def training_data(
+    model_version: int,
+    *,
+    name: str | None = None,
+    tracking_uri: str | None = None,
+    store: str | None = None,
+) -> Splits:
+    """The exact train / validation / test splits registered ``model_version`` was trained on,
+    read back from the asset store by the data version its training run recorded."""
+    from cifar_assets.ml.lineage import SPLITS_ASSET, training_splits_version
+
+    version = training_splits_version(_uri(tracking_uri), model_version, _name(name))
+    splits: Splits = _store(store).load(SPLITS_ASSET, version)
+    return splits
+
+
+def diff_data(
+    asset: str,
+    version_a: str,
+    version_b: str,
+    *,
+    partition: str | None = None,
+    store: str | None = None,
+) -> list[PartDiff]:
+    """How two stored versions of an image asset differ, per split (or pool, or batch): image and
+    class counts before and after, and the image ids added and removed."""
+    from cifar_assets.storage import diff
+
+    assets = _store(store)
+    return diff(assets.load(asset, version_a, partition), assets.load(asset, version_b, partition))

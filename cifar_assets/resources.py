@@ -6,99 +6,96 @@ records of :mod:`cifar_assets.artifacts` as JSON. Nothing is pickled.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 
-from cifar_assets import artifacts
 from cifar_assets.settings import get_settings
 
-
-def stored_value_stem(root: Path, asset_path: list[str], partition: str | None) -> Path:
-    """Where an asset's value lives, less its suffix: ``root/<asset key>/[<partition>/]value``."""
-    path = root.joinpath(*asset_path)
-    return (path / partition if partition else path) / "value"
+if TYPE_CHECKING:
+    from cifar_assets.storage import AssetStore
 
 
-def stored_value_path(asset: str, partition: str | None = None) -> Path:
-    """The stored file of an ImageSet asset (e.g. an ``incoming_batch`` partition), for run
-    config that hands it to another job."""
-    stem = stored_value_stem(get_settings().storage_dir, [asset], partition)
-    return stem.with_suffix(".imageset.npz")
+def stored_value_path(asset: str, partition: str | None = None) -> str:
+    """Where the latest stored value of an asset (partition) lives: a path, or a URL when the
+    store is remote. Its name is its content hash, so run config that hands it to another job
+    (the retraining sensor's ``extra_batches``) pins that exact version."""
+    from cifar_assets.storage import AssetStore, StorageError
+
+    store = AssetStore(get_settings().asset_store)
+    record = store.latest(asset, partition)
+    if record is None:
+        where = f" partition {partition!r}" if partition else ""
+        raise StorageError(
+            f"No stored value for asset {asset!r}{where} under {store.root_url}; materialize it "
+            "first."
+        )
+    return store.location(record.object)
+
+
+def _asset_name(context: dg.OutputContext | dg.InputContext) -> str:
+    return "__".join(context.asset_key.path)
 
 
 class LocalStorageIOManager(dg.ConfigurableIOManager):
-    """Stores each asset (and partition) under ``base_dir/<asset key>/``."""
+    """Stores every materialization under its content hash (cifar_assets.storage), so none
+    overwrites another; inputs load the latest materialization of their upstream.
+
+    ``base_dir`` overrides the store root (a folder or an fsspec URL); by default it is the
+    ``CIFAR_ASSET_STORE`` setting."""
 
     base_dir: str = ""
 
-    def _root(self) -> Path:
-        return Path(self.base_dir) if self.base_dir else get_settings().storage_dir
+    def _store(self) -> AssetStore:
+        from cifar_assets.storage import AssetStore
 
-    def _stem(self, context: dg.OutputContext | dg.InputContext) -> Path:
-        partition = context.asset_partition_key if context.has_asset_partitions else None
-        return stored_value_stem(self._root(), list(context.asset_key.path), partition)
+        return AssetStore(self.base_dir or get_settings().asset_store)
+
+    @staticmethod
+    def _partition(context: dg.OutputContext | dg.InputContext) -> str | None:
+        return context.asset_partition_key if context.has_asset_partitions else None
 
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
-        from cifar_assets.data import imageset
-
-        stem = self._stem(context)
-        stem.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(obj, imageset.Splits):
-            imageset.save_splits(stem.with_suffix(".splits.npz"), obj)
-        elif isinstance(obj, imageset.RawData):
-            imageset.save_raw(stem.with_suffix(".raw.npz"), obj)
-        elif isinstance(obj, imageset.ImageSet):
-            imageset.save_imageset(stem.with_suffix(".imageset.npz"), obj)
-        elif type(obj).__name__ == "DataFrame":
-            tmp = stem.with_suffix(".tmp.parquet")
-            obj.to_parquet(tmp, index=False)
-            tmp.replace(stem.with_suffix(".parquet"))
-        elif (
-            dataclasses.is_dataclass(obj)
-            and not isinstance(obj, type)
-            and type(obj).__name__ in artifacts.ARTIFACT_TYPES
-        ):
-            payload = {"type": type(obj).__name__, "value": dataclasses.asdict(obj)}
-            tmp = stem.with_suffix(".tmp.json")
-            tmp.write_text(json.dumps(payload, indent=2, default=str))
-            tmp.replace(stem.with_suffix(".json"))
-        else:
-            raise TypeError(
-                f"Asset {context.asset_key.to_user_string()} returned a {type(obj).__name__}, "
-                "which this IO manager cannot store; return an ImageSet, Splits, RawData, a "
-                "pandas DataFrame or a record from cifar_assets.artifacts."
+        code_version = context.asset_spec.code_version or ""
+        try:
+            record, is_new = self._store().put(
+                _asset_name(context),
+                obj,
+                self._partition(context),
+                run_id=context.run_id,
+                code_version=code_version,
             )
+        except TypeError as error:
+            raise TypeError(f"Asset {context.asset_key.to_user_string()}: {error}") from error
+        context.add_output_metadata(
+            {
+                "data_version": record.version,
+                "stored_at": dg.MetadataValue.path(self._store().location(record.object)),
+                "stored_bytes": record.bytes,
+                "stored_new_object": is_new,
+            }
+        )
 
     def load_input(self, context: dg.InputContext) -> Any:
-        from cifar_assets.data import imageset
+        from cifar_assets.storage import StorageError
 
-        stem = self._stem(context)
-        candidates = sorted(stem.parent.glob(stem.name + ".*"))
-        candidates = [c for c in candidates if ".tmp." not in c.name]
-        if not candidates:
-            raise FileNotFoundError(
-                f"No stored value for asset {context.asset_key.to_user_string()} under "
-                f"{stem.parent}. Materialize it first (e.g. from the Dagster UI or with "
+        store = self._store()
+        partition = self._partition(context)
+        record = store.latest(_asset_name(context), partition)
+        if record is None:
+            where = f" partition {partition!r}" if partition else ""
+            raise StorageError(
+                f"No stored value for asset {context.asset_key.to_user_string()}{where} under "
+                f"{store.root_url}. Materialize it first (e.g. from the Dagster UI or with "
                 "`dagster job execute`)."
             )
-        path = candidates[0]
-        if path.name.endswith(".splits.npz"):
-            return imageset.load_splits(path)
-        if path.name.endswith(".raw.npz"):
-            return imageset.load_raw(path)
-        if path.name.endswith(".imageset.npz"):
-            return imageset.load_imageset(path)
-        if path.suffix == ".parquet":
-            import pandas as pd
-
-            return pd.read_parquet(path)
-        payload = json.loads(path.read_text())
-        return artifacts.ARTIFACT_TYPES[payload["type"]](**payload["value"])
+        context.log.info(
+            f"{context.asset_key.to_user_string()}: loading data version {record.version} "
+            f"({store.location(record.object)})"
+        )
+        return store.read(record)
 
 
 class MLflowResource(dg.ConfigurableResource):

@@ -17,7 +17,10 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 class Settings:
     var_dir: Path  # CIFAR_VAR_DIR: root of all local state
     data_dir: Path  # CIFAR_DATA_DIR: downloaded data sets (cifar-10-python.tar.gz goes here)
-    storage_dir: Path  # CIFAR_STORAGE_DIR: asset values (npz, Parquet, weights, ONNX)
+    storage_dir: Path  # CIFAR_STORAGE_DIR: asset files (weights, ONNX, reports, baselines)
+    # CIFAR_ASSET_STORE: the versioned asset values (cifar_assets.storage): a folder or an
+    # fsspec URL such as s3://bucket/prefix; by default <storage_dir>/assets
+    asset_store: str
     incoming_dir: Path  # CIFAR_INCOMING_DIR: production batches dropped for drift checks
     capture_dir: Path  # CIFAR_CAPTURE_DIR: traffic captured by the A/B router
     retraining_config: Path  # CIFAR_RETRAINING_CONFIG: base run config of drift retraining
@@ -55,6 +58,14 @@ def _path(name: str, default: Path) -> Path:
     return Path(value).expanduser().resolve() if value else default
 
 
+def _store(name: str, default: Path) -> str:
+    """A folder (made absolute) or a URL with a scheme (kept as given)."""
+    value = os.environ.get(name, "")
+    if "://" in value:
+        return value
+    return str(_path(name, default))
+
+
 def _int(name: str, default: int) -> int:
     value = os.environ.get(name, "")
     if value == "":
@@ -71,10 +82,12 @@ def _int(name: str, default: int) -> int:
 def get_settings() -> Settings:
     """Read the environment now (tests change it between calls, so nothing is cached)."""
     var = _path("CIFAR_VAR_DIR", PROJECT_ROOT / "var")
+    storage_dir = _path("CIFAR_STORAGE_DIR", var / "storage")
     return Settings(
         var_dir=var,
         data_dir=_path("CIFAR_DATA_DIR", var / "data"),
-        storage_dir=_path("CIFAR_STORAGE_DIR", var / "storage"),
+        storage_dir=storage_dir,
+        asset_store=_store("CIFAR_ASSET_STORE", storage_dir / "assets"),
         incoming_dir=_path("CIFAR_INCOMING_DIR", var / "incoming"),
         capture_dir=_path("CIFAR_CAPTURE_DIR", var / "capture"),
         retraining_config=_path(

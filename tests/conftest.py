@@ -29,6 +29,7 @@ def project_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dic
     for key in (
         "CIFAR_DATA_DIR",
         "CIFAR_STORAGE_DIR",
+        "CIFAR_ASSET_STORE",
         "CIFAR_INCOMING_DIR",
         "CIFAR_CAPTURE_DIR",
         "CIFAR_RETRAINING_CONFIG",

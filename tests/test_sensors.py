@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import zlib
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from cifar_assets.data.imageset import save_npz
+from cifar_assets.data.synthetic import generate_synthetic
 from cifar_assets.definitions import defs
 from cifar_assets.drift.incoming import capture_window_key
 from cifar_assets.schedules import daily_drift_schedule
@@ -25,6 +27,8 @@ from cifar_assets.sensors import (
     evaluate_retraining,
     incoming_batch_sensor,
 )
+from cifar_assets.settings import get_settings
+from cifar_assets.storage import AssetStore
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,8 +42,18 @@ def instance(
         yield test_instance
 
 
+def stored_batch(batch: str) -> str:
+    """Where the asset store keeps the latest incoming_batch partition ``batch``."""
+    record = AssetStore(get_settings().asset_store).latest("incoming_batch", batch)
+    assert record is not None
+    return AssetStore(get_settings().asset_store).location(record.object)
+
+
 def report_drift(instance: dg.DagsterInstance, batch: str, drift: bool, labelled: bool) -> None:
     instance.add_dynamic_partitions("incoming_batches", [batch])
+    # the batch is stored as incoming_batch stores it, under its content hash
+    images = generate_synthetic(20, seed=zlib.crc32(batch.encode()))
+    AssetStore(get_settings().asset_store).put("incoming_batch", images, batch)
     instance.report_runless_asset_event(
         dg.AssetMaterialization(
             asset_key="drift_report",
@@ -107,9 +121,7 @@ def test_drift_report_requests_one_retraining_and_records_why(
     assert request.run_key == f"retrain-through-{through}-attempt-1"
     assert request.tags[COVERS_TAG] == str(through) and request.tags[BATCHES_TAG] == "batch-a"
     ops = request.run_config["ops"]
-    assert ops["cifar10_raw"]["config"]["extra_batches"][0].endswith(
-        "incoming_batch/batch-a/value.imageset.npz"
-    )
+    assert ops["cifar10_raw"]["config"]["extra_batches"] == [stored_batch("batch-a")]
     assert ops["registered_model"]["config"] == {"promote_automatically": False}
     assert ops["triton_deployment"]["config"] == {"challenger_share": 0.1}
     # the training recipe is configs/retraining.yaml's CPU recipe, not the GPU defaults
@@ -135,7 +147,7 @@ def test_all_drifted_reports_since_the_last_success_make_one_run(
     result = tick(instance)
     (request,) = result.run_requests or []
     extra = request.run_config["ops"]["cifar10_raw"]["config"]["extra_batches"]
-    assert [Path(path).parent.name for path in extra] == ["storm-1", "storm-3"]
+    assert extra == [stored_batch("storm-1"), stored_batch("storm-3")]
     assert request.tags[BATCHES_TAG] == "storm-1,storm-2,storm-3"
     recorded = actions(result)
     assert recorded["calm"] == "no drift: no retraining needed"
@@ -226,7 +238,7 @@ def test_retraining_base_config_comes_from_the_env_and_the_sensor_wins(
     ops = (result.run_requests or [])[0].run_config["ops"]
     assert ops["trained_model"]["config"] == {"epochs": 1, "batch_size": 32, "stem": "imagenet"}
     extra = ops["cifar10_raw"]["config"]["extra_batches"]
-    assert extra[0] == "/data/old.imageset.npz" and extra[1].endswith("batch-e/value.imageset.npz")
+    assert extra == ["/data/old.imageset.npz", stored_batch("batch-e")]
     assert ops["cifar10_raw"]["config"]["num_images"] == 500
     # a retraining never promotes itself, whatever the file says; its other settings stay
     assert ops["registered_model"]["config"] == {

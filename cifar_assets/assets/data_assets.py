@@ -7,7 +7,7 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
-from cifar_assets.assets.metadata import table
+from cifar_assets.assets.metadata import table, versioned_output
 from cifar_assets.data.imageset import CLASSES, RawData, Splits
 from cifar_assets.settings import get_settings
 
@@ -89,7 +89,7 @@ def cifar10_raw(context: dg.AssetExecutionContext, config: RawDataConfig) -> dg.
         "class_counts": dg.MetadataValue.json(counts),
         "content_hash": raw.fingerprint(),
     }
-    return dg.Output(raw, data_version=dg.DataVersion(raw.fingerprint()), metadata=metadata)
+    return versioned_output(raw, metadata=metadata)
 
 
 def _with_extra_batches(
@@ -97,16 +97,23 @@ def _with_extra_batches(
 ) -> RawData:
     import numpy as np
 
-    from cifar_assets.data.imageset import ImageSet, load_imageset
+    from cifar_assets.data.imageset import ImageSet
+    from cifar_assets.storage import StorageError, load_location
 
     images, labels, origins = [raw.pool.images], [raw.pool.labels], [raw.pool.origins]
     for path in paths:
-        if not Path(path).is_file():
+        try:
+            batch = load_location(path)
+        except StorageError as error:
             raise dg.Failure(
-                f"extra_batches: {path} does not exist. Materialize that incoming_batch "
-                "partition first, or remove it from the run config."
+                f"extra_batches: {error} Materialize that incoming_batch partition first, or "
+                "remove it from the run config."
+            ) from error
+        if not isinstance(batch, ImageSet):
+            raise dg.Failure(
+                f"extra_batches: {path} holds a {type(batch).__name__}, not an image batch; "
+                "list .imageset.npz files (incoming_batch partitions) only."
             )
-        batch = load_imageset(Path(path))
         if not batch.is_labelled:
             raise dg.Failure(
                 f"extra_batches: {path} has unlabelled images; only labelled batches can join "
@@ -162,9 +169,8 @@ def cifar10_splits(
     too_small = too_small_message(splits)
     if too_small:
         context.log.warning(f"{cifar10_raw.pool.source}: {too_small}")
-    return dg.Output(
+    return versioned_output(
         splits,
-        data_version=dg.DataVersion(splits.fingerprint()),
         metadata={
             "counts_per_class_and_split": table(counts),
             "source": cifar10_raw.pool.source,

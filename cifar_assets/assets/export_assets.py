@@ -7,6 +7,7 @@ import dagster as dg
 from pydantic import Field
 
 from cifar_assets.artifacts import OnnxModel, RegisteredModel, TrainedModel
+from cifar_assets.assets.metadata import versioned_output
 from cifar_assets.assets.training_assets import TRAINING_GROUP
 from cifar_assets.data.imageset import Splits
 from cifar_assets.ml.onnx_export import PARITY_ATOL, PARITY_MIN_AGREEMENT, PARITY_RTOL
@@ -147,7 +148,7 @@ def onnx_model(
     registry.log_onnx_artifacts(
         mlflow.uri(), trained_model.mlflow_run_id, [p for p in (fp32, int8_path) if p]
     )
-    return dg.Output(
+    return versioned_output(
         OnnxModel(
             fp32_path=str(fp32),
             int8_path=str(int8_path) if int8_path else None,

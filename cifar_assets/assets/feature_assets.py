@@ -48,9 +48,9 @@ def image_features(
             for feature in group.features
         ]
     )
-    from cifar_assets.assets.metadata import table
+    from cifar_assets.assets.metadata import table, versioned_output
 
-    return dg.Output(
+    return versioned_output(
         FeatureTable(str(path), SCHEMA_VERSION, len(features), list(features.columns)),
         metadata={
             "path": dg.MetadataValue.path(str(path)),

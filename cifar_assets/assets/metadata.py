@@ -38,3 +38,24 @@ def image(path: Path, caption: str = "") -> dg.MarkdownMetadataValue:
     """A PNG embedded in markdown, which the Dagster UI renders inline on the asset page."""
     encoded = base64.b64encode(path.read_bytes()).decode()
     return dg.MetadataValue.md(f"![{caption}](data:image/png;base64,{encoded})")
+
+
+def versioned_output(value: Any, metadata: dict[str, Any] | None = None) -> dg.Output[Any]:
+    """``value`` as an Output whose Dagster data version is its content hash, the version
+    cifar_assets.storage keeps it under (so the UI's data versions name stored files)."""
+    import warnings
+
+    from cifar_assets.storage import content_version
+
+    version = content_version(value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=dg.BetaWarning)
+        return dg.Output(value, data_version=dg.DataVersion(version), metadata=metadata)
+
+
+def input_version_tags(**inputs: Any) -> dict[str, str]:
+    """MLflow tags naming the data version of every input an asset consumed:
+    ``cifar/data_version/<asset> = <content hash>`` (see cifar_assets.storage)."""
+    from cifar_assets.storage import DATA_VERSION_TAG, content_version
+
+    return {DATA_VERSION_TAG + name: content_version(value) for name, value in inputs.items()}

@@ -16,7 +16,7 @@ from cifar_assets.artifacts import (
     TrainedModel,
     TritonDeployment,
 )
-from cifar_assets.assets.metadata import image, table
+from cifar_assets.assets.metadata import image, input_version_tags, table, versioned_output
 from cifar_assets.data.imageset import ImageSet, Splits
 from cifar_assets.resources import MLflowResource, TritonResource, rollout_for
 from cifar_assets.settings import get_settings
@@ -75,7 +75,7 @@ def drift_baseline(
         directory / MODEL_FILE,
         {"model_version": registered_model.version, "model_dir": trained_model.model_dir},
     )
-    return dg.Output(
+    return versioned_output(
         DriftBaselineRef(str(directory), str(registered_model.version), trained_model.model_dir),
         metadata={
             "path": dg.MetadataValue.path(str(directory)),
@@ -102,9 +102,8 @@ def incoming_batch(context: dg.AssetExecutionContext) -> dg.Output[ImageSet]:
     settings = get_settings()
     batch = load_partition(context.partition_key, settings.incoming_dir, settings.capture_dir)
     labelled = int((batch.labels >= 0).sum())
-    return dg.Output(
+    return versioned_output(
         batch,
-        data_version=dg.DataVersion(batch.fingerprint()),
         metadata={"images": len(batch), "labelled": labelled, "source": batch.source},
     )
 
@@ -218,7 +217,8 @@ def drift_report(
             "batch": context.partition_key,
             "model_version": report.model_version,
             "dagster_run_id": context.run_id,
-        },
+        }
+        | input_version_tags(incoming_batch=incoming_batch),
         params={"p_val": report.p_val, "images": report.n, "model_version": report.model_version},
         metrics={
             "drift": float(report.drift),
@@ -241,7 +241,7 @@ def drift_report(
         f"Batch {context.partition_key}: drift={report.drift} score={report.score:.3f} "
         f"moved={report.moved_features[:5]}"
     )
-    return dg.Output(
+    return versioned_output(
         DriftVerdict(
             batch=context.partition_key,
             drift=report.drift,
@@ -337,9 +337,18 @@ def ab_test_report(
             metadata["transition"] = transition.action if transition else "none"
         context.log.info(f"Stage {judgement.stage}: {judgement.action}: {judgement.reason}")
     metadata["mlflow_run"] = dg.MetadataValue.url(
-        _log_ab_run(context, config, mlflow, summary, weights, metadata, files)
+        _log_ab_run(
+            context,
+            config,
+            mlflow,
+            summary,
+            weights,
+            metadata,
+            files,
+            input_version_tags(triton_deployment=triton_deployment),
+        )
     )
-    return dg.Output(summary, metadata=metadata)
+    return versioned_output(summary, metadata=metadata)
 
 
 def _ab_analysis(
@@ -392,6 +401,7 @@ def _log_ab_run(
     weights: dict[int, float],
     metadata: dict[str, Any],
     files: list[Path],
+    input_tags: dict[str, str],
 ) -> str:
     """The report as a finished MLflow run in the monitoring experiment; returns its URL."""
     from cifar_assets.ml import tracking
@@ -418,7 +428,8 @@ def _log_ab_run(
             "stage": metadata.get("stage", "none"),
             "stage_action": metadata.get("stage_action", "none"),
             "dagster_run_id": context.run_id,
-        },
+        }
+        | input_tags,
         params={"alpha": config.alpha, "min_effect": config.min_effect, "weights": weights},
         metrics=metrics,
         files=files,

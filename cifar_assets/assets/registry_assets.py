@@ -5,6 +5,7 @@ import dagster as dg
 from pydantic import Field
 
 from cifar_assets.artifacts import ModelEvaluation, RegisteredModel, TrainedModel
+from cifar_assets.assets.metadata import versioned_output
 from cifar_assets.assets.training_assets import TRAINING_GROUP
 from cifar_assets.resources import MLflowResource
 
@@ -76,7 +77,7 @@ def registered_model(
             name=name,
         )
     context.log.info(f"Version {version.version}: {decision.reason}")
-    return dg.Output(
+    return versioned_output(
         RegisteredModel(
             name=name,
             version=int(version.version),

@@ -10,6 +10,7 @@ import dagster as dg
 from pydantic import Field
 
 from cifar_assets.artifacts import OnnxModel, RegisteredModel, TritonDeployment
+from cifar_assets.assets.metadata import versioned_output
 from cifar_assets.data.imageset import Splits
 from cifar_assets.resources import MLflowResource, TritonResource, rollout_for
 
@@ -121,7 +122,7 @@ def triton_deployment(
     )
     after = transition.after
     context.log.info(f"v{version} serves as {role}: weights {after['weights']}")
-    return dg.Output(
+    return versioned_output(
         TritonDeployment(
             model_name=repository.MODEL_NAME,
             version=version,

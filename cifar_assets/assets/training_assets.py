@@ -8,7 +8,7 @@ import dagster as dg
 from pydantic import Field
 
 from cifar_assets.artifacts import ModelEvaluation, TrainedModel
-from cifar_assets.assets.metadata import image, table
+from cifar_assets.assets.metadata import image, input_version_tags, table, versioned_output
 from cifar_assets.assets.validation_assets import validation_report
 from cifar_assets.data.imageset import Splits
 from cifar_assets.ml.training import EpochMetrics, Progress, TrainConfig
@@ -94,7 +94,9 @@ def trained_model(
         mlflow.uri(),
         mlflow.experiment(),
         run_name=f"train-{context.run_id[:8]}",
-        tags=_run_tags(context) | {"data_version": data_version},
+        tags=_run_tags(context)
+        | {"data_version": data_version}
+        | input_version_tags(cifar10_splits=cifar10_splits),
         artifact_location=mlflow.artifact_location(),
     ) as run_id:
         tracking.log_params(
@@ -148,7 +150,7 @@ def trained_model(
         images_per_s=result.images_per_s,
         device=result.device,
     )
-    return dg.Output(
+    return versioned_output(
         artifact,
         metadata={
             "mlflow_run": dg.MetadataValue.url(tracking.run_url(mlflow.uri(), run_id)),
@@ -244,7 +246,7 @@ def model_evaluation(
         )
         delta = difference["accuracy"]["delta"]
         context.log.info(f"Accuracy against champion v{champion.version}: {delta:+.4f}")
-    return dg.Output(
+    return versioned_output(
         ModelEvaluation(
             mlflow_run_id=trained_model.mlflow_run_id,
             metrics={k: float(v) for k, v in metrics.items()},

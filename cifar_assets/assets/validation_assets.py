@@ -5,6 +5,7 @@ import dagster as dg
 import pandas as pd
 
 from cifar_assets.assets.data_assets import DATA_GROUP
+from cifar_assets.assets.metadata import versioned_output
 from cifar_assets.data.imageset import Splits
 
 
@@ -24,7 +25,7 @@ def validation_report(
     stats = image_statistics(cifar10_splits)
     context.log.info(f"Computed statistics for {len(stats)} images")
     summary = stats.groupby("split")[["brightness", "contrast"]].mean().round(2)
-    return dg.Output(
+    return versioned_output(
         stats,
         metadata={
             "rows": len(stats),

@@ -126,11 +126,9 @@ class ImageSet:
         return {name: int(counts[i]) for i, name in enumerate(CLASSES)}
 
     def fingerprint(self) -> str:
-        """A content hash of the whole set (images, labels and order); used as a data version."""
-        digest = hashlib.sha256()
-        digest.update(np.ascontiguousarray(self.images).tobytes())
-        digest.update(np.ascontiguousarray(self.labels).tobytes())
-        return digest.hexdigest()[:32]
+        """A content hash of the whole set (images, labels, ids, source, origins and order): its
+        data version, equal to what cifar_assets.storage stores it under."""
+        return digest_arrays(imageset_arrays(self))
 
 
 def check_arrays(images: np.ndarray, labels: np.ndarray, where: str) -> None:
@@ -162,6 +160,16 @@ def load_npz(path: Path) -> dict[str, np.ndarray]:
         return {key: data[key] for key in data.files}
 
 
+def digest_arrays(arrays: Mapping[str, np.ndarray]) -> str:
+    """sha256 over every array's name, dtype, shape and bytes in name order (32 hex digits)."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()[:32]
+
+
 def _arrays_of(imageset: ImageSet, prefix: str = "") -> dict[str, np.ndarray]:
     return {
         f"{prefix}images": imageset.images,
@@ -184,12 +192,20 @@ def _imageset_of(arrays: Mapping[str, np.ndarray], prefix: str = "") -> ImageSet
     )
 
 
+def imageset_arrays(imageset: ImageSet) -> dict[str, np.ndarray]:
+    return _arrays_of(imageset)
+
+
+def imageset_from_arrays(arrays: Mapping[str, np.ndarray]) -> ImageSet:
+    return _imageset_of(arrays)
+
+
 def save_imageset(path: Path, imageset: ImageSet) -> None:
-    save_npz(path, _arrays_of(imageset))
+    save_npz(path, imageset_arrays(imageset))
 
 
 def load_imageset(path: Path) -> ImageSet:
-    return _imageset_of(load_npz(path))
+    return imageset_from_arrays(load_npz(path))
 
 
 @dataclass(frozen=True, eq=False)
@@ -204,23 +220,27 @@ class Splits:
         return [("train", self.train), ("validation", self.validation), ("test", self.test)]
 
     def fingerprint(self) -> str:
-        digest = hashlib.sha256()
-        for name, part in self.items():
-            digest.update(name.encode())
-            digest.update(part.fingerprint().encode())
-        return digest.hexdigest()[:32]
+        """The content hash of all three splits: their data version."""
+        return digest_arrays(splits_arrays(self))
 
 
-def save_splits(path: Path, splits: Splits) -> None:
+def splits_arrays(splits: Splits) -> dict[str, np.ndarray]:
     arrays: dict[str, np.ndarray] = {}
     for name, part in splits.items():
         arrays |= _arrays_of(part, f"{name}_")
-    save_npz(path, arrays)
+    return arrays
+
+
+def splits_from_arrays(arrays: Mapping[str, np.ndarray]) -> Splits:
+    return Splits(**{name: _imageset_of(arrays, f"{name}_") for name in SPLITS})
+
+
+def save_splits(path: Path, splits: Splits) -> None:
+    save_npz(path, splits_arrays(splits))
 
 
 def load_splits(path: Path) -> Splits:
-    arrays = load_npz(path)
-    return Splits(**{name: _imageset_of(arrays, f"{name}_") for name in SPLITS})
+    return splits_from_arrays(load_npz(path))
 
 
 @dataclass(frozen=True, eq=False)
@@ -232,20 +252,25 @@ class RawData:
     official_test: ImageSet | None = None
 
     def fingerprint(self) -> str:
-        digest = hashlib.sha256(self.pool.fingerprint().encode())
-        if self.official_test is not None:
-            digest.update(self.official_test.fingerprint().encode())
-        return digest.hexdigest()[:32]
+        """The content hash of the pool and the official test set: their data version."""
+        return digest_arrays(raw_arrays(self))
 
 
-def save_raw(path: Path, raw: RawData) -> None:
+def raw_arrays(raw: RawData) -> dict[str, np.ndarray]:
     arrays = _arrays_of(raw.pool, "pool_")
     if raw.official_test is not None:
         arrays |= _arrays_of(raw.official_test, "test_")
-    save_npz(path, arrays)
+    return arrays
+
+
+def raw_from_arrays(arrays: Mapping[str, np.ndarray]) -> RawData:
+    test = _imageset_of(arrays, "test_") if "test_images" in arrays else None
+    return RawData(_imageset_of(arrays, "pool_"), test)
+
+
+def save_raw(path: Path, raw: RawData) -> None:
+    save_npz(path, raw_arrays(raw))
 
 
 def load_raw(path: Path) -> RawData:
-    arrays = load_npz(path)
-    test = _imageset_of(arrays, "test_") if "test_images" in arrays else None
-    return RawData(_imageset_of(arrays, "pool_"), test)
+    return raw_from_arrays(load_npz(path))
