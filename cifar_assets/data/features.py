@@ -186,7 +186,7 @@ class _Chunk:
 
 def _colour(chunk: _Chunk) -> Values:
     colour = chunk.colour
-    means, stds = colour.means, colour.stds
+    means = colour.means
     red_green = np.array([1.0, -1.0, 0.0])
     yellow_blue = np.array([0.5, 0.5, -1.0])
     opponent_spread = np.hypot(colour.spread(red_green), colour.spread(yellow_blue))
@@ -212,12 +212,7 @@ def _colour(chunk: _Chunk) -> Values:
     keys = bins + (np.arange(n, dtype=np.int64) * HUE_BINS)[:, None, None]
     histogram = np.bincount(keys[chroma >= CHROMA_THRESHOLD], minlength=n * HUE_BINS)
     return {
-        "mean_r": means[:, 0],
-        "mean_g": means[:, 1],
-        "mean_b": means[:, 2],
-        "std_r": stds[:, 0],
-        "std_g": stds[:, 1],
-        "std_b": stds[:, 2],
+        **colour.channel_columns(),
         "colourfulness": opponent_spread + 0.3 * opponent_mean,
         "saturation_mean": saturation.mean(axis=(1, 2)),
         "hue_entropy": _entropy_bits(histogram.reshape(n, HUE_BINS)) / np.log2(HUE_BINS),

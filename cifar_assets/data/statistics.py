@@ -265,6 +265,14 @@ class ColourStatistics:
         """(N,) standard deviation of luma."""
         return self.spread(LUMA_WEIGHTS_64)
 
+    def channel_columns(self) -> dict[str, np.ndarray]:
+        """``mean_r`` .. ``mean_b`` and ``std_r`` .. ``std_b``, as table columns."""
+        means, stds = self.means, self.stds
+        return {
+            **{f"mean_{channel}": means[:, i] for i, channel in enumerate("rgb")},
+            **{f"std_{channel}": stds[:, i] for i, channel in enumerate("rgb")},
+        }
+
     def spread(self, weights: np.ndarray) -> np.ndarray:
         """(N,) standard deviation of the weighted channel sum ``weights @ pixel``."""
         variance = np.einsum("c,ncd,d->n", weights, self.covariance, weights)
@@ -307,7 +315,6 @@ def image_statistics(splits: Splits) -> pd.DataFrame:
         images = part.images
         n = len(images)
         colour = colour_statistics(images)
-        means, stds = colour.means, colour.stds
         flat = images.reshape(n, -1)
         lowest = flat.min(axis=1) if n else np.empty(0, dtype=np.uint8)
         highest = flat.max(axis=1) if n else np.empty(0, dtype=np.uint8)
@@ -318,12 +325,7 @@ def image_statistics(splits: Splits) -> pd.DataFrame:
                     "origin": pd.Series(part.origins, dtype=object).astype(str),
                     "split": split,
                     "label": np.asarray(part.labels, dtype=np.int64),
-                    "mean_r": means[:, 0],
-                    "mean_g": means[:, 1],
-                    "mean_b": means[:, 2],
-                    "std_r": stds[:, 0],
-                    "std_g": stds[:, 1],
-                    "std_b": stds[:, 2],
+                    **colour.channel_columns(),
                     "min": lowest.astype(np.int64),
                     "max": highest.astype(np.int64),
                     "brightness": colour.brightness,
