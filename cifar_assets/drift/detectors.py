@@ -91,6 +91,18 @@ class _AlibiDetector:
     def _restore_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         return None
 
+    def _result(self, p_value: float, distance: float, details: dict[str, Any]) -> DetectorResult:
+        """This detector's answer: drift when ``p_value`` is below its significance level."""
+        return DetectorResult(
+            name=self.name,
+            kind=self.kind,
+            drift=p_value < self.p_val,
+            p_value=p_value,
+            threshold=self.p_val,
+            distance=distance,
+            details=details,
+        )
+
     def _require_fitted(self) -> Any:
         if self._alibi is None:
             raise DriftDetectorError(
@@ -311,14 +323,10 @@ class EmbeddingMMDDetector(_AlibiDetector):
         finally:
             torch.set_num_threads(threads)
         p_value = float(data["p_val"])
-        return DetectorResult(
-            name=self.name,
-            kind=self.kind,
-            drift=p_value < self.p_val,
-            p_value=p_value,
-            threshold=self.p_val,
-            distance=float(data["distance"]),
-            details={
+        return self._result(
+            p_value,
+            float(data["distance"]),
+            {
                 "statistic": "MMD^2 (Gaussian kernel, median-heuristic bandwidth)",
                 "distance_threshold": float(data["distance_threshold"]),
                 "n_permutations": self.n_permutations,
@@ -368,14 +376,10 @@ class SoftmaxKSDetector(_AlibiDetector):
             if len(p_values) == len(CLASSES)
             else [str(i) for i in range(len(p_values))]
         )
-        return DetectorResult(
-            name=self.name,
-            kind=self.kind,
-            drift=adjusted < self.p_val,
-            p_value=adjusted,
-            threshold=self.p_val,
-            distance=float(statistics.max()),
-            details={
+        return self._result(
+            adjusted,
+            float(statistics.max()),
+            {
                 "statistic": "largest KS statistic over the softmax outputs",
                 "correction": "bonferroni",
                 "per_class": {
@@ -415,14 +419,10 @@ class UncertaintyKSDetector(_AlibiDetector):
         batch_entropy = entropy(probabilities)
         p_values, statistics = _ks_batch(detector, batch_entropy[:, None].astype(np.float32))
         p_value = float(p_values[0])
-        return DetectorResult(
-            name=self.name,
-            kind=self.kind,
-            drift=p_value < self.p_val,
-            p_value=p_value,
-            threshold=self.p_val,
-            distance=float(statistics[0]),
-            details={
+        return self._result(
+            p_value,
+            float(statistics[0]),
+            {
                 "statistic": "one-sided KS statistic on prediction entropy (nats)",
                 "reference_mean_entropy": float(np.mean(detector.x_ref)),
                 "batch_mean_entropy": float(batch_entropy.mean()),
@@ -524,14 +524,10 @@ class FeatureKSDetector(_AlibiDetector):
             for i in order
         ]
         moved = [row["feature"] for row in table if row["moved"]]
-        return DetectorResult(
-            name=self.name,
-            kind=self.kind,
-            drift=bool(moved),
-            p_value=float(adjusted.min()),
-            threshold=self.p_val,
-            distance=float(statistics.max()),
-            details={
+        return self._result(
+            float(adjusted.min()),
+            float(statistics.max()),
+            {
                 "statistic": "largest KS statistic over the features",
                 "correction": self.correction,
                 "moved": moved,
