@@ -1,15 +1,14 @@
 """Fixtures for the serving tests: two tiny ONNX models and a real tritonserver on free ports.
 
-Each server gets a temporary copy of the committed model repository (configs and labels only),
-its own state and capture folders, and versions 1 and 2 (ResNet18 with the ImageNet stem, two
-seeds). Test modules import the fixture functions (``*_fixture``); pytest knows them by the
+Each server is the library's ``launcher.start_scratch_server`` (the benchmarks start theirs the
+same way): a temporary copy of the committed model repository (configs and labels only), its own
+state and capture folders and free ports, and versions 1 and 2 (ResNet18 with the ImageNet stem,
+two seeds). Test modules import the fixture functions (``*_fixture``); pytest knows them by the
 names ``onnx_models`` and ``triton_server``, one server per test module.
 """
 
 from __future__ import annotations
 
-import shutil
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,35 +16,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cifar_assets.serving import repository
-from cifar_assets.serving.client import wait_until_ready
+from cifar_assets.serving import launcher
 from cifar_assets.serving.launcher import TritonConfig, TritonServer
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 COMMITTED_REPO = PROJECT_ROOT / "triton_repo"
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports nothing listens on now (the OS picks them; all held until all are chosen)."""
-    sockets = []
-    for _ in range(count):
-        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        probe.bind(("127.0.0.1", 0))
-        sockets.append(probe)
-    ports = [probe.getsockname()[1] for probe in sockets]
-    for probe in sockets:
-        probe.close()
-    return ports
+# The library's helpers, under the names the tests have always imported from here.
+free_ports = launcher.free_ports
 
 
 def copy_repository(target: Path) -> Path:
     """The committed repository without generated version folders."""
-    shutil.copytree(
-        COMMITTED_REPO,
-        target,
-        ignore=lambda folder, names: [n for n in names if n.isdigit() or n.startswith(".")],
-    )
-    return target
+    return launcher.copy_repository(target, COMMITTED_REPO)
 
 
 def export_tiny_model(path: Path, seed: int) -> Path:
@@ -109,30 +91,14 @@ class ServingEnv:
 
 def start_serving(base: Path, onnx: dict[int, Path], sample_rate: float) -> ServingEnv:
     """A started server with versions 1 and 2 live and weights {1: 0.9, 2: 0.1}."""
-    repo = copy_repository(base / "triton_repo")
-    for version, path in onnx.items():
-        repository.write_version(repo, path, version, {"run_id": f"run-{version}"})
-    http, grpc, metrics = free_ports(3)
-    config = TritonConfig(
-        repo=repo,
-        state_dir=base / "var" / "triton",
-        capture_dir=base / "var" / "capture",
-        http_port=http,
-        grpc_port=grpc,
-        metrics_port=metrics,
-        capture_input_sample_rate=sample_rate,
+    server = launcher.start_scratch_server(
+        base,
+        onnx,
+        sample_rate=sample_rate,
+        weights={1: 0.9, 2: 0.1},
+        source_repo=COMMITTED_REPO,
     )
-    server = TritonServer(config).start()
-    try:
-        repository.set_live_versions(config.http_url, [1, 2], repo=repo, state_dir=config.state_dir)
-        repository.set_ab_weights({1: 0.9, 2: 0.1}, state_dir=config.state_dir)
-        wait_until_ready(
-            config.http_url, models=[repository.MODEL_NAME, repository.ROUTER_NAME], timeout_s=60
-        )
-    except BaseException:
-        server.stop()
-        raise
-    return ServingEnv(server=server, config=config, onnx=onnx)
+    return ServingEnv(server=server, config=server.config, onnx=onnx)
 
 
 @pytest.fixture(scope="module", name="triton_server")

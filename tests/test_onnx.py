@@ -18,9 +18,11 @@ from cifar_assets.data.imageset import ImageSet
 from cifar_assets.data.synthetic import generate_synthetic
 from cifar_assets.ml.evaluation import predict_logits
 from cifar_assets.ml.inference_bench import benchmark_onnx
+from cifar_assets.ml.model import normalise_uint8
 from cifar_assets.ml.onnx_export import (
     ParityError,
     ParityReport,
+    add_uint8_input,
     check_parity,
     export_onnx,
     ort_session,
@@ -154,6 +156,41 @@ def test_int8_keeps_accuracy_and_shrinks_the_file(
         f"{report.int8_accuracy:.3f} vs {report.fp32_accuracy:.3f}; size ratio "
         f"{report.size_ratio:.3f}"
     )
+
+
+def test_uint8_graph_answers_as_numpy_normalisation_does(
+    fp32_path: Path, data: tuple[ImageSet, ImageSet], tmp_path: Path
+) -> None:
+    """model_serving.onnx (the network with the uint8 preprocessing in front) gives the logits
+    of the numpy path (normalise_uint8 + model.onnx), for FP32 and QDQ INT8, whether a batch
+    holds uint8 images, normalised floats, or both."""
+    import onnxruntime as ort
+
+    train_set, test_set = data
+    int8_path = quantize_int8(fp32_path, tmp_path / "model.int8.onnx", train_set.images[:128])
+    images = test_set.images[:40]
+    no_floats = np.zeros((0, 3, 32, 32), np.float32)
+    no_images = np.zeros((0, 32, 32, 3), np.uint8)
+    for source in (fp32_path, int8_path):
+        expected = ort_session(source).run(["logits"], {"input": normalise_uint8(images)})[0]
+        served = add_uint8_input(source, tmp_path / f"{source.stem}.serving.onnx")
+        session = ort.InferenceSession(str(served), providers=["CPUExecutionProvider"])
+        assert [i.name for i in session.get_inputs()] == ["images_uint8", "input"]
+        assert session.get_inputs()[0].type == "tensor(uint8)"
+        feeds = {
+            "uint8": {"images_uint8": images, "input": no_floats},
+            "float": {"images_uint8": no_images, "input": normalise_uint8(images)},
+            "mixed": {"images_uint8": images[:15], "input": normalise_uint8(images[15:])},
+        }
+        for kind, feed in feeds.items():
+            logits = session.run(["logits"], feed)[0]
+            np.testing.assert_allclose(
+                logits, expected, rtol=1e-5, atol=1e-5, err_msg=f"{source.name} {kind}"
+            )
+        # Not a trivially constant network: the images get different logits.
+        assert np.abs(expected[0] - expected[1]).max() > 1e-3
+    with pytest.raises(ValueError, match="needs one input 'input'"):
+        add_uint8_input(tmp_path / "model.int8.serving.onnx", tmp_path / "twice.onnx")
 
 
 def test_quantization_input_checks(fp32_path: Path, tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from cifar_assets.ml.model import normalise_uint8
+from cifar_assets.ml.onnx_export import add_uint8_input
 from cifar_assets.serving import capture, repository
 from cifar_assets.serving.client import ServingError, infer_ab
 from cifar_assets.serving.launcher import TritonServer
@@ -343,7 +344,12 @@ def test_a_version_unloaded_from_triton_is_no_longer_served(triton_server: Servi
 def test_a_rewritten_model_file_is_picked_up(triton_server: ServingEnv) -> None:
     env = triton_server
     [user] = _users_of(2, 1)
-    served_file = env.repo / repository.MODEL_NAME / "2" / "model.onnx"
+    # The file the router runs: write_version derives it from model.onnx.
+    served_file = env.repo / repository.MODEL_NAME / "2" / repository.SERVING_ONNX
+    serving_files = {}
+    for version in (1, 2):
+        serving_files[version] = env.repo / f"serving-{version}.onnx"
+        add_uint8_input(env.onnx[version], serving_files[version])
     expected = {v: ort_logits(env.onnx[v], normalise_uint8(IMAGE)) for v in (1, 2)}
 
     def replace_with(source: Path) -> None:
@@ -364,7 +370,7 @@ def test_a_rewritten_model_file_is_picked_up(triton_server: ServingEnv) -> None:
 
     broken: list[ServingError] = []
     assert serves(2)
-    replace_with(env.onnx[1])
+    replace_with(serving_files[1])
     try:
         _wait_until(lambda: serves(1), "the router runs the rewritten model.onnx of version 2")
         garbage = env.repo / "garbage.onnx"
@@ -374,7 +380,7 @@ def test_a_rewritten_model_file_is_picked_up(triton_server: ServingEnv) -> None:
         assert broken[0].status == "500"
         assert f"cannot run {served_file} in process" in str(broken[0])
     finally:
-        replace_with(env.onnx[2])
+        replace_with(serving_files[2])
     _wait_until(lambda: serves(2), "the router runs the restored model.onnx of version 2")
 
 

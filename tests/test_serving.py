@@ -170,7 +170,9 @@ def test_bad_request_gets_4xx_with_reason_and_server_stays_healthy(
 
 
 def test_bad_requests_in_a_dynamic_batch_fail_alone(triton_server: ServingEnv) -> None:
-    """Concurrent good and bad requests share dynamic batches; only the bad ones fail."""
+    """Concurrent good (uint8 and float) and bad requests share dynamic batches: the good ones
+    of both kinds go through one ONNX Runtime call and get their own rows back; only the bad
+    ones fail."""
     expected = ort_logits(triton_server.onnx[2], normalise_uint8(IMAGES))
     outcomes: dict[int, Any] = {}
 
@@ -180,9 +182,12 @@ def test_bad_requests_in_a_dynamic_batch_fail_alone(triton_server: ServingEnv) -
         client = grpcclient.InferenceServerClient(triton_server.grpc_url)
         results = []
         for _ in range(10):
-            if index % 2:
+            if index % 3 == 1:
                 sent = np.full((1, 3, 32, 32), np.inf, np.float32)
                 tensor = grpcclient.InferInput("input", [1, 3, 32, 32], "FP32")
+            elif index % 3 == 2:
+                sent = normalise_uint8(IMAGES)
+                tensor = grpcclient.InferInput("input", list(sent.shape), "FP32")
             else:
                 sent = IMAGES
                 tensor = grpcclient.InferInput("images_uint8", list(IMAGES.shape), "UINT8")
@@ -200,7 +205,7 @@ def test_bad_requests_in_a_dynamic_batch_fail_alone(triton_server: ServingEnv) -
         thread.join()
     for index, results in outcomes.items():
         for result in results:
-            if index % 2:
+            if index % 3 == 1:
                 assert "NaN or infinite" in str(result)
             else:
                 np.testing.assert_allclose(result.as_numpy("logits"), expected, atol=1e-5)
@@ -217,7 +222,12 @@ def test_write_version_is_atomic_idempotent_and_immutable(
 ) -> None:
     repo = copy_repository(tmp_path / "repo")
     folder = repository.write_version(repo, onnx_models[1], 7, {"run_id": "abc", "alias": "x"})
-    assert sorted(p.name for p in folder.iterdir()) == ["model.onnx", "model.py", "version.json"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "model.onnx",
+        "model.py",
+        "model_serving.onnx",
+        "version.json",
+    ]
     assert (folder / "model.onnx").read_bytes() == onnx_models[1].read_bytes()
     metadata = repository.read_version_metadata(repo, 7)
     assert metadata["run_id"] == "abc" and metadata["version"] == 7
@@ -226,6 +236,27 @@ def test_write_version_is_atomic_idempotent_and_immutable(
     with pytest.raises(repository.RepositoryError, match="already holds a different model"):
         repository.write_version(repo, onnx_models[2], 7, {})
     assert repository.list_versions(repo) == [7]
+
+
+def test_a_version_written_without_the_serving_graph_is_completed(
+    tmp_path: Path, onnx_models: dict[int, Path]
+) -> None:
+    """A folder written before write_version derived model_serving.onnx (or one whose file was
+    lost) gets it at the next start (complete_versions), with the current model.py."""
+    import onnxruntime as ort
+
+    repo = copy_repository(tmp_path / "repo")
+    folder = repository.write_version(repo, onnx_models[1], 3, {"run_id": "old"})
+    (folder / repository.SERVING_ONNX).unlink()
+    (folder / "model.py").write_text("# model.py of an earlier release\n")
+    assert repository.complete_versions(repo) == [3]
+    assert repository.complete_versions(repo) == []
+    assert (folder / "model.py").read_bytes() == repository.CLASSIFIER_TEMPLATE.read_bytes()
+    session = ort.InferenceSession(str(folder / repository.SERVING_ONNX))
+    feed = {"images_uint8": IMAGES, "input": np.zeros((0, 3, 32, 32), np.float32)}
+    served = session.run(["logits"], feed)[0]
+    expected = ort_logits(onnx_models[1], normalise_uint8(IMAGES))
+    np.testing.assert_allclose(served, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_write_version_rejects_bad_inputs(tmp_path: Path, onnx_models: dict[int, Path]) -> None:

@@ -2,6 +2,8 @@
 
 The exported graph takes ``input``: normalised float32 (N, 3, 32, 32) (see
 ``cifar_assets.ml.model.normalise_uint8``) and returns ``logits``: float32 (N, 10).
+``add_uint8_input`` derives the served graph from it: the same network with the normalisation of
+raw uint8 pixels in front, so ONNX Runtime does that work instead of numpy.
 
 Exporter: torch.onnx's dynamo (torch.export-based) exporter, the default since torch 2.9. The
 legacy TorchScript exporter still works in torch 2.14 but is deprecated and warns on every call.
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
+UINT8_INPUT_NAME = "images_uint8"
 DEFAULT_OPSET = 18
 # Parity limits, explained in require_parity's docstring.
 PARITY_MIN_AGREEMENT = 0.999
@@ -84,6 +87,81 @@ def export_onnx(model: torch.nn.Module, path: Path, opset: int = DEFAULT_OPSET) 
         )
     tmp.replace(path)
     return path
+
+
+def add_uint8_input(source: Path, target: Path) -> Path:
+    """Write ``target``: ``source``'s network with two inputs, ``images_uint8`` (U, 32, 32, 3)
+    raw pixels and ``input`` (F, 3, 32, 32) normalised floats, and ``logits`` (U + F, 10), the
+    uint8 images' rows first.
+
+    The pixels go through Transpose (to NCHW, on the uint8 bytes), Cast, Div 255, Sub
+    CIFAR_MEAN and Div CIFAR_STD: the float operations of ``normalise_uint8`` in its order, so
+    the results are the same. The two kinds meet in one Concat in front of the network, so a
+    dynamic batch that mixes both is one ONNX Runtime call; an empty (0, ...) tensor stands in
+    for the kind a batch lacks. Works on any graph with the ``export_onnx`` interface, FP32 or
+    QDQ INT8 (whose first QuantizeLinear then reads the Concat).
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from cifar_assets.ml.model import CIFAR_MEAN, CIFAR_STD
+
+    model = onnx.load(str(source))
+    graph = model.graph
+    initializers = {tensor.name for tensor in graph.initializer}
+    inputs = [value.name for value in graph.input if value.name not in initializers]
+    outputs = [value.name for value in graph.output]
+    if inputs != [INPUT_NAME] or outputs != [OUTPUT_NAME]:
+        raise ValueError(
+            f"{source} has inputs {inputs} and outputs {outputs}; add_uint8_input needs one "
+            f"input {INPUT_NAME!r} and one output {OUTPUT_NAME!r}, as export_onnx writes them."
+        )
+    prefix = "uint8_preprocessing/"
+    network_input = prefix + "network_input"
+    for node in graph.node:
+        node.input[:] = [network_input if name == INPUT_NAME else name for name in node.input]
+
+    def constant(name: str, values: tuple[float, ...]) -> onnx.TensorProto:
+        return numpy_helper.from_array(np.asarray(values, np.float32).reshape(1, -1, 1, 1), name)
+
+    preprocessing = [
+        helper.make_node("Transpose", [UINT8_INPUT_NAME], [prefix + "nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node("Cast", [prefix + "nchw"], [prefix + "float"], to=TensorProto.FLOAT),
+        helper.make_node("Div", [prefix + "float", prefix + "255"], [prefix + "scaled"]),
+        helper.make_node("Sub", [prefix + "scaled", prefix + "mean"], [prefix + "centred"]),
+        helper.make_node("Div", [prefix + "centred", prefix + "std"], [prefix + "normalised"]),
+        helper.make_node("Concat", [prefix + "normalised", INPUT_NAME], [network_input], axis=0),
+    ]
+    served = helper.make_graph(
+        preprocessing + list(graph.node),
+        graph.name,
+        [
+            helper.make_tensor_value_info(
+                UINT8_INPUT_NAME, TensorProto.UINT8, ["uint8_batch", 32, 32, 3]
+            ),
+            helper.make_tensor_value_info(
+                INPUT_NAME, TensorProto.FLOAT, ["float_batch", 3, 32, 32]
+            ),
+        ],
+        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", 10])],
+        initializer=[
+            constant(prefix + "255", (255.0,)),
+            constant(prefix + "mean", CIFAR_MEAN),
+            constant(prefix + "std", CIFAR_STD),
+            *graph.initializer,
+        ],
+        value_info=list(graph.value_info),
+    )
+    combined = helper.make_model(
+        served, opset_imports=list(model.opset_import), ir_version=model.ir_version
+    )
+    combined.functions.extend(model.functions)
+    onnx.checker.check_model(combined)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    onnx.save(combined, str(tmp))
+    tmp.replace(target)
+    return target
 
 
 def ort_session(path: Path, threads: int | None = None) -> onnxruntime.InferenceSession:

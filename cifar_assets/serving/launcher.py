@@ -27,6 +27,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -36,6 +37,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -575,6 +577,7 @@ class TritonServer:
         self.orphans_removed = remove_orphans(config.repo)
         check_ports_free(config)
         repository.install_router(config.repo)
+        repository.complete_versions(config.repo)
         config.state_dir.mkdir(parents=True, exist_ok=True)
         control_key = repository.ensure_control_key(config.state_dir)
         if config.log_path.exists():
@@ -670,3 +673,70 @@ class TritonServer:
         traceback: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports nothing listens on now (the OS picks them; all held until all are chosen)."""
+    sockets = []
+    for _ in range(count):
+        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        probe.bind(("127.0.0.1", 0))
+        sockets.append(probe)
+    ports = [probe.getsockname()[1] for probe in sockets]
+    for probe in sockets:
+        probe.close()
+    return ports
+
+
+def copy_repository(target: Path, source: Path | None = None) -> Path:
+    """A copy of the model repository ``source`` (default: the configured one, the project's
+    committed ``triton_repo/``) without its generated version folders: configs and labels."""
+    shutil.copytree(
+        source or get_settings().triton_repo,
+        target,
+        ignore=lambda folder, names: [n for n in names if n.isdigit() or n.startswith(".")],
+    )
+    return target
+
+
+def start_scratch_server(
+    base: Path,
+    onnx: Mapping[int, Path],
+    *,
+    sample_rate: float = 0.1,
+    weights: Mapping[int, float] | None = None,
+    source_repo: Path | None = None,
+) -> TritonServer:
+    """A started server of its own under ``base``, on free ports: a copy of the committed
+    repository's configs (``copy_repository``), ``onnx`` (version -> file) written and live,
+    A/B ``weights`` (default: all on the lowest version), the router loaded. For tests and
+    benchmarks; the caller stops it."""
+    from cifar_assets.serving.client import wait_until_ready
+
+    repo = copy_repository(base / "triton_repo", source_repo)
+    for version, path in onnx.items():
+        repository.write_version(repo, path, version, {"run_id": f"run-{version}"})
+    http, grpc, metrics = free_ports(3)
+    config = TritonConfig(
+        repo=repo,
+        state_dir=base / "var" / "triton",
+        capture_dir=base / "var" / "capture",
+        http_port=http,
+        grpc_port=grpc,
+        metrics_port=metrics,
+        capture_input_sample_rate=sample_rate,
+    )
+    server = TritonServer(config).start()
+    try:
+        versions = sorted(onnx)
+        repository.set_live_versions(
+            config.http_url, versions, repo=repo, state_dir=config.state_dir
+        )
+        repository.set_ab_weights(weights or {versions[0]: 1.0}, state_dir=config.state_dir)
+        wait_until_ready(
+            config.http_url, models=[repository.MODEL_NAME, repository.ROUTER_NAME], timeout_s=60
+        )
+    except BaseException:
+        server.stop()
+        raise
+    return server

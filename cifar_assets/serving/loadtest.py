@@ -138,8 +138,12 @@ def run_load(
 
 
 def ort_baseline(onnx_path: str, batch_size: int, repeats: int, threads: int = 1) -> LoadReport:
-    """The same images through ONNX Runtime in this process, with the served model's threading
-    (one intra-op thread, no spinning): the floor Triton is compared to."""
+    """The same uint8 images through ONNX Runtime in this process, with the served model's
+    threading (one intra-op thread, no spinning): the floor Triton is compared to.
+
+    Given a version's ``model_serving.onnx`` (what Triton runs), the pixels go in as uint8 and
+    the graph normalises them, exactly the work the server does; given a plain ``model.onnx``,
+    they are normalised with numpy first (``normalise_uint8``), as before the graph did it."""
     import onnxruntime as ort
 
     from cifar_assets.ml.model import normalise_uint8
@@ -149,23 +153,33 @@ def ort_baseline(onnx_path: str, batch_size: int, repeats: int, threads: int = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
     images = np.random.default_rng(0).integers(0, 256, (batch_size, 32, 32, 3), dtype=np.uint8)
+    takes_uint8 = "images_uint8" in {value.name for value in session.get_inputs()}
+    no_floats = np.zeros((0, 3, 32, 32), dtype=np.float32)
+
+    def run() -> None:
+        if takes_uint8:
+            session.run(["logits"], {"images_uint8": images, "input": no_floats})
+        else:
+            session.run(["logits"], {"input": normalise_uint8(images)})
+
     report = LoadReport(images_per_request=batch_size)
     for _ in range(3):
-        session.run(None, {"input": normalise_uint8(images)})
+        run()
     began = time.perf_counter()
     for _ in range(repeats):
         start = time.perf_counter()
-        session.run(None, {"input": normalise_uint8(images)})
+        run()
         report.latencies_ms.append((time.perf_counter() - start) * 1000.0)
     report.duration_s = time.perf_counter() - began
     return report
 
 
-def process_tree_cpu_ms(pid: int) -> float:
+def process_tree_cpu_ms(pid: int, children: bool = True) -> float:
     """CPU time (user + system) used so far by ``pid`` and all its descendants (the Triton stubs).
 
     On a shared machine, wall-clock latency swings with other people's load; the server's CPU
-    per request does not, so it is the figure to compare designs by.
+    per request does not, so it is the figure to compare designs by. ``children=False``: the
+    process alone (tritonserver without its stubs).
     """
     parents: dict[int, int] = {}
     cpu_ticks: dict[int, int] = {}
@@ -182,7 +196,8 @@ def process_tree_cpu_ms(pid: int) -> float:
     while todo:
         current = todo.pop()
         total += cpu_ticks.get(current, 0)
-        todo.extend(child for child, parent in parents.items() if parent == current)
+        if children:
+            todo.extend(child for child, parent in parents.items() if parent == current)
     return total * 1000.0 / os.sysconf("SC_CLK_TCK")
 
 
@@ -194,7 +209,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Triton latency and throughput table")
     parser.add_argument("--http-url", default=settings.triton_http_url)
     parser.add_argument("--grpc-url", default=settings.triton_grpc_url)
-    parser.add_argument("--onnx", help="model.onnx of a live version, for the ORT baseline")
+    parser.add_argument(
+        "--onnx", help="model_serving.onnx of a live version, for the ONNX Runtime baseline"
+    )
     parser.add_argument("--requests", type=int, default=100, help="batch-1 requests per round")
     parser.add_argument("--seconds", type=float, default=3.0, help="batch-32 seconds per round")
     parser.add_argument("--rounds", type=int, default=5, help="rows are measured in turn")

@@ -5,6 +5,7 @@ generated and git-ignored)::
 
     cifar10_resnet18/config.pbtxt labels.txt   python backend running ONNX Runtime
     cifar10_resnet18/<N>/model.onnx model.py version.json   N = the MLflow model version
+    cifar10_resnet18/<N>/model_serving.onnx    model.onnx with uint8 preprocessing in the graph
     cifar10_ab/config.pbtxt labels.txt         the A/B router
     cifar10_ab/1/model.py                      copied from triton_models/ by install_router
 
@@ -46,6 +47,9 @@ TEMPLATES_DIR = Path(__file__).resolve().parent / "triton_models"
 CLASSIFIER_TEMPLATE = TEMPLATES_DIR / "classifier_model.py"
 ROUTER_TEMPLATE = TEMPLATES_DIR / "ab_router_model.py"
 VERSION_METADATA_FILE = "version.json"
+# What the python backends run: model.onnx with the uint8 normalisation in front
+# (cifar_assets.ml.onnx_export.add_uint8_input), written beside it by write_version.
+SERVING_ONNX = "model_serving.onnx"
 LIVE_VERSIONS_FILE = "live_versions.json"
 AB_WEIGHTS_FILE = "ab_weights.json"
 ROUTER_EXECUTION_FILE = "router_execution.json"
@@ -153,7 +157,8 @@ def list_versions(repo: Path, model: str = MODEL_NAME) -> list[int]:
 def write_version(
     repo: Path, onnx_path: Path, version: int, metadata: Mapping[str, Any] | None = None
 ) -> Path:
-    """Write ``<repo>/cifar10_resnet18/<version>/`` (model.onnx, model.py, version.json) atomically.
+    """Write ``<repo>/cifar10_resnet18/<version>/`` (model.onnx, model_serving.onnx derived from
+    it, model.py, version.json) atomically.
 
     Everything is written into a hidden temporary folder (Triton ignores non-numeric names) that
     is then renamed, so Triton can never load a half-written version. Writing the same ONNX file
@@ -179,7 +184,7 @@ def write_version(
     if target.exists():
         existing = target / VERSION_METADATA_FILE
         if existing.is_file() and json.loads(existing.read_text()).get("onnx_sha256") == onnx_sha:
-            _copy_atomic(CLASSIFIER_TEMPLATE, target / "model.py")
+            complete_version(target)
             return target
         raise RepositoryError(
             f"{target} already holds a different model; version {version} cannot be rewritten. "
@@ -203,6 +208,7 @@ def write_version(
     tmp.mkdir()
     try:
         shutil.copyfile(onnx_path, tmp / "model.onnx")
+        _write_serving_onnx(tmp)
         shutil.copyfile(CLASSIFIER_TEMPLATE, tmp / "model.py")
         (tmp / VERSION_METADATA_FILE).write_text(record_text + "\n")
         tmp.rename(target)
@@ -210,6 +216,34 @@ def write_version(
         if tmp.exists():
             shutil.rmtree(tmp)
     return target
+
+
+def _write_serving_onnx(folder: Path) -> None:
+    from cifar_assets.ml.onnx_export import add_uint8_input
+
+    add_uint8_input(folder / "model.onnx", folder / SERVING_ONNX)
+
+
+def complete_version(folder: Path) -> None:
+    """Bring a version folder written by an earlier release up to date: derive its
+    model_serving.onnx if it has none, then copy the current model.py (in that order, so the
+    model.py that needs the file never sits beside a folder without it)."""
+    if not (folder / SERVING_ONNX).is_file():
+        _write_serving_onnx(folder)
+    _copy_atomic(CLASSIFIER_TEMPLATE, folder / "model.py")
+
+
+def complete_versions(repo: Path) -> list[int]:
+    """complete_version for every version of ``repo`` that lacks model_serving.onnx (the
+    launcher calls it before every start); returns the versions it completed."""
+    completed = [
+        version
+        for version in list_versions(repo)
+        if not (repo / MODEL_NAME / str(version) / SERVING_ONNX).is_file()
+    ]
+    for version in completed:
+        complete_version(repo / MODEL_NAME / str(version))
+    return completed
 
 
 def read_version_metadata(repo: Path, version: int) -> dict[str, Any]:

@@ -14,16 +14,17 @@ re-read at least once a second.
 
 The ``execution`` config parameter says how the chosen version runs:
 
-- ``inprocess`` (default): the router runs the version's ``model.onnx`` (the target model's
-  folder, a sibling of the router's) with ONNX Runtime itself, with the classifier's session
-  options (``intra_op_threads``, ``allow_spinning``) and its normalisation of uint8 pixels. That
-  saves the second python-backend hop of ``bls``: on 2 cores it was most of the router's cost at
+- ``inprocess`` (default): the router runs the version's ``model_serving.onnx`` (the target
+  model's folder, a sibling of the router's) with ONNX Runtime itself, with the classifier's
+  session options (``intra_op_threads``, ``allow_spinning``): the network with the normalisation
+  of uint8 pixels in its graph, which takes both inputs, as the classifier runs it. That saves
+  the second python-backend hop of ``bls``: on 2 cores it was most of the router's cost at
   batch 1. One session per weighted version, created when the weights are (re)read, dropped when
-  the version leaves the weights, and re-created when its ``model.onnx`` changes (inode, mtime,
-  size). At every re-read (at least once a second) each weighted version is asked
+  the version leaves the weights, and re-created when its ``model_serving.onnx`` changes (inode,
+  mtime, size). At every re-read (at least once a second) each weighted version is asked
   ``is_model_ready`` on the target model: a version that Triton no longer serves (a rollback
   unloaded it) is refused with UNAVAILABLE, as ``bls`` refuses it. A dynamic batch becomes one
-  ONNX Runtime call per version.
+  ONNX Runtime call per version, uint8 and float requests together.
 - ``bls``: a whole dynamic batch is routed at once: its requests are grouped by (version, input),
   each group becomes one BLS call to the target model's version, the groups run concurrently
   with ``async_exec``, and a group of one request forwards its input tensor untouched. For
@@ -90,6 +91,9 @@ RECORDS_DIR = "records"
 INPUTS_DIR = "inputs"
 SHADOW_DIR = "shadow"  # the candidate's answers to mirrored requests (never sent to anyone)
 ERRORS_DIR = "errors"  # requests a version failed to answer
+SERVING_ONNX = "model_serving.onnx"  # keep in step with repository.SERVING_ONNX
+NO_IMAGES = np.zeros((0, 32, 32, 3), dtype=np.uint8)
+NO_FLOATS = np.zeros((0, 3, 32, 32), dtype=np.float32)
 SHADOW_FILE = "shadow.json"  # beside the weights file: {"version": N, "share": s} or null
 SHADOW_QUEUE_BATCHES = 64  # mirrored batches waiting for the candidate; more are dropped
 WEIGHTS_MAX_AGE_S = 1.0
@@ -113,10 +117,26 @@ def hash_fraction(key: str) -> float:
     return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2.0**64
 
 
-def normalise_uint8(images: np.ndarray) -> np.ndarray:
-    """uint8 NHWC pixels to normalised float32 NCHW, exactly as classifier_model.py does."""
-    scaled = images.astype(np.float32) / 255.0
-    return np.ascontiguousarray(((scaled - CIFAR_MEAN) / CIFAR_STD).transpose(0, 3, 1, 2))
+def log(level: str, message: str, **context: Any) -> None:
+    """One JSON line on stderr (Triton's log) with the fields of ``cifar_assets.logs`` (time,
+    level, logger, component, message, and context such as ``request_ids``). The router runs in
+    Triton's stub and cannot import that module, so it writes the same format itself."""
+    entry = {
+        "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        "level": level,
+        "logger": "cifar_assets.router",
+        "component": "router",
+        "message": message,
+        **context,
+    }
+    print(json.dumps(entry, default=str), file=sys.stderr, flush=True)
+
+
+def joined(arrays: list[np.ndarray], empty: np.ndarray) -> np.ndarray:
+    """One array of all ``arrays`` (no copy for one), or ``empty`` for none."""
+    if not arrays:
+        return empty
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
 
 
 def to_uint8(batch: np.ndarray) -> np.ndarray:
@@ -210,10 +230,11 @@ class CaptureWriter:
             kept = (self.pending + rows)[-MAX_PENDING_ROWS:]
             dropped = len(self.pending) + len(rows) - len(kept)
             self.pending = kept
-            print(
+            log(
+                "ERROR",
                 f"cifar10_ab capture: cannot write {self.records_path}: {exc}; "
                 f"{len(kept)} records kept for the next batch, {dropped} dropped",
-                file=sys.stderr,
+                request_ids=sorted({json.loads(row)["request_id"] for row in rows[:100]}),
             )
             return
         self.pending = []
@@ -257,7 +278,7 @@ class CaptureWriter:
                 try:
                     os.fdatasync(self.descriptor)
                 except OSError as exc:
-                    print(f"cifar10_ab capture: fdatasync failed: {exc}", file=sys.stderr)
+                    log("ERROR", f"cifar10_ab capture: fdatasync failed: {exc}")
             chunk_due = len(image_ids) >= INPUT_CHUNK_IMAGES
             chunk_due = chunk_due or time.monotonic() >= next_input_flush
             if images and (stopping or chunk_due):
@@ -265,9 +286,10 @@ class CaptureWriter:
                     self._write_inputs(images, image_ids)
                 except OSError as exc:
                     # Capture must never stop serving; the pixels stay for the next chunk.
-                    print(
+                    log(
+                        "ERROR",
                         f"cifar10_ab capture: cannot write under {self.inputs_dir}: {exc}",
-                        file=sys.stderr,
+                        request_ids=sorted(set(image_ids))[:100],
                     )
                 else:
                     images, image_ids = [], []
@@ -294,7 +316,11 @@ class JsonLines:
             while view:
                 view = view[os.write(self.descriptor, view) :]
         except OSError as exc:
-            print(f"cifar10_ab: cannot write {self.path}: {exc}", file=sys.stderr)
+            log(
+                "ERROR",
+                f"cifar10_ab: cannot write {self.path}: {exc}",
+                request_ids=[r.get("request_id") for r in records][:100],
+            )
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -317,9 +343,10 @@ class ShadowWorker:
         except queue.Full:
             self.dropped += 1
             if self.dropped % 1000 == 1:
-                print(
+                log(
+                    "WARNING",
                     f"cifar10_ab shadow: queue full, {self.dropped} batches not mirrored",
-                    file=sys.stderr,
+                    request_ids=sorted({row[0] for row in item[-1]["rows"]})[:100],
                 )
 
     def close(self, timeout_s: float = 10.0) -> None:
@@ -330,19 +357,20 @@ class ShadowWorker:
 
     def _run(self) -> None:
         while (item := self.queue.get()) is not _STOP:
-            local, version, batch, meta = item
+            local, version, images, floats, meta = item
+            count = len(images) + len(floats)
             started = time.thread_time()
             try:
-                logits = local.run(batch)
+                logits = local.run(images, floats)
                 if not np.isfinite(logits).all():
                     raise ValueError("non-finite logits")
                 predicted = logits.argmax(axis=1).tolist()
                 error = None
             except Exception as exc:
-                predicted, error = [None] * len(batch), str(exc)[:500]
+                predicted, error = [None] * count, str(exc)[:500]
             # CPU time per image of this thread (ONNX Runtime runs in it), as the champion's
             # beside it: the same measure on both sides, which a busy machine does not skew.
-            cpu_ms = round((time.thread_time() - started) * 1000.0 / len(batch), 3)
+            cpu_ms = round((time.thread_time() - started) * 1000.0 / count, 3)
             self.out.write(
                 [
                     {
@@ -375,7 +403,8 @@ class Routed(NamedTuple):
 
 
 class LocalVersion:
-    """One version's model.onnx in an ONNX Runtime session of the router's own (inprocess)."""
+    """One version's model_serving.onnx in an ONNX Runtime session of the router's own
+    (inprocess)."""
 
     def __init__(self, path: Path, key: tuple[int, int, int], options: Any) -> None:
         import onnxruntime as ort
@@ -385,12 +414,12 @@ class LocalVersion:
         self.session = ort.InferenceSession(
             str(path), sess_options=options, providers=["CPUExecutionProvider"]
         )
-        self.input_name = self.session.get_inputs()[0].name
-        self.output_name = self.session.get_outputs()[0].name
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        logits = self.session.run([self.output_name], {self.input_name: batch})[0]
-        return np.ascontiguousarray(logits, dtype=np.float32)
+    def run(self, images: np.ndarray, floats: np.ndarray) -> np.ndarray:
+        """Logits of uint8 ``images`` and normalised ``floats`` (either may be empty): the
+        images' rows first."""
+        feed = {UINT8_INPUT: images, FLOAT_INPUT: floats}
+        return np.asarray(self.session.run(["logits"], feed)[0], dtype=np.float32)
 
 
 def session_options(parameters: dict[str, str], model_name: str) -> Any:
@@ -451,7 +480,7 @@ class TritonPythonModel:
         )
         self.local: dict[int, LocalVersion] = {}
         self.refused: dict[int, tuple[str, Any]] = {}
-        # version -> (file key, error) of a model.onnx that could not be loaded: not retried
+        # version -> (file key, error) of a model_serving.onnx that could not be loaded: not retried
         # until the file changes.
         self.failed: dict[int, tuple[tuple[int, int, int] | None, str]] = {}
         fsync = parameters.get("capture_fsync", FSYNC_MODES[0])
@@ -476,7 +505,7 @@ class TritonPythonModel:
             try:
                 self._refresh_weights()
             except Exception as exc:
-                print(f"{self.model_name}: weights not read at load ({exc})", file=sys.stderr)
+                log("WARNING", f"{self.model_name}: weights not read at load ({exc})")
                 self.weights_key = None
 
     def _refresh_weights(self) -> str | None:
@@ -503,10 +532,7 @@ class TritonPythonModel:
                 raise ValueError("no version has a positive weight")
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             # Keep serving with the weights already loaded; set_ab_weights never writes this.
-            print(
-                f"{self.model_name}: ignoring unusable {self.weights_path}: {exc}",
-                file=sys.stderr,
-            )
+            log("ERROR", f"{self.model_name}: ignoring unusable {self.weights_path}: {exc}")
             self.weights_problem = (
                 f"{self.model_name}: {self.weights_path} is unusable ({exc}); rewrite it with "
                 "set_ab_weights."
@@ -530,9 +556,7 @@ class TritonPythonModel:
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as exc:
-            print(
-                f"{self.model_name}: ignoring unusable {self.shadow_path}: {exc}", file=sys.stderr
-            )
+            log("ERROR", f"{self.model_name}: ignoring unusable {self.shadow_path}: {exc}")
             return None
         if not shadow:
             return None
@@ -546,7 +570,8 @@ class TritonPythonModel:
         )
 
     def _sync_sessions(self) -> None:
-        """One session per weighted version that Triton serves, on its current model.onnx."""
+        """One session per weighted version that Triton serves, on its current
+        model_serving.onnx."""
         wanted = list(self.versions)
         if self.shadow is not None and self.shadow[0] not in wanted:
             wanted.append(self.shadow[0])
@@ -558,7 +583,7 @@ class TritonPythonModel:
                 self.local.pop(version, None)
                 self.refused[version] = (self._not_live(version), pb_utils.TritonError.UNAVAILABLE)
                 continue
-            path = self.target_dir / str(version) / "model.onnx"
+            path = self.target_dir / str(version) / SERVING_ONNX
             key: tuple[int, int, int] | None = None
             try:
                 status = os.stat(path)
@@ -579,7 +604,7 @@ class TritonPythonModel:
                     "router with execution='bls'."
                 )
                 if version not in self.failed:
-                    print(message, file=sys.stderr)
+                    log("ERROR", message, version=version)
                 self.failed[version] = (key, str(exc))
                 self.refused[version] = (message, pb_utils.TritonError.INTERNAL)
 
@@ -726,20 +751,23 @@ class TritonPythonModel:
                     responses[member.position] = error_response(message, code)
                 failures.extend(self._failure(m, version, message) for m in members)
                 continue
-            batches = []
-            for member in members:
-                array = member.tensor.as_numpy()
-                uint8 = member.tensor.name() == UINT8_INPUT
-                batches.append(normalise_uint8(array) if uint8 else array)
-            joined = batches[0] if len(batches) == 1 else np.concatenate(batches)
+            # One ONNX Runtime call: the uint8 requests' rows first, then the float ones'.
+            members = [m for m in members if m.tensor.name() == UINT8_INPUT] + [
+                m for m in members if m.tensor.name() != UINT8_INPUT
+            ]
+            arrays = [member.tensor.as_numpy() for member in members]
+            uint8 = [a for a in arrays if a.dtype == np.uint8]
+            floats = [a for a in arrays if a.dtype != np.uint8]
+            images_in, floats_in = joined(uint8, NO_IMAGES), joined(floats, NO_FLOATS)
             run_started = time.thread_time()
             try:
-                logits = local.run(joined)
+                logits = local.run(images_in, floats_in)
             except Exception as exc:
                 message = (
                     f"{self.model_name} -> {self.target} version {version}: ONNX Runtime failed "
                     f"on {local.path}: {exc}"
                 )
+                log("ERROR", message, request_ids=[m.request_id for m in members])
                 for member in members:
                     responses[member.position] = error_response(
                         message, pb_utils.TritonError.INTERNAL
@@ -747,11 +775,11 @@ class TritonPythonModel:
                 failures.extend(self._failure(m, version, message) for m in members)
                 continue
             latency_ms = (time.perf_counter() - started) * 1000.0
-            model_ms = (time.thread_time() - run_started) * 1000.0 / len(joined)
+            model_ms = (time.thread_time() - run_started) * 1000.0 / len(logits)
             when = datetime.now(UTC).isoformat(timespec="milliseconds")
             start = 0
-            for member, batch in zip(members, batches, strict=True):
-                count = batch.shape[0]
+            for member, array in zip(members, arrays, strict=True):
+                count = array.shape[0]
                 values = logits[start : start + count]
                 start += count
                 if not np.isfinite(values).all():
@@ -767,7 +795,7 @@ class TritonPythonModel:
                 )
                 rows.extend(self._record(member, values, when, latency_ms, model_ms))
                 if self._mirrors(version, member.request_id):
-                    mirrored.append((member, batch, values, version, when, model_ms))
+                    mirrored.append((member, array, values, version, when, model_ms))
         self.capture.write(rows)  # before the responses leave: see the module's docstring
         self.errors.write(failures)
         self._mirror(mirrored)
@@ -795,14 +823,19 @@ class TritonPythonModel:
         local = self.local.get(self.shadow[0])
         if local is None:
             return
-        batch = mirrored[0][1] if len(mirrored) == 1 else np.concatenate([m[1] for m in mirrored])
+        # LocalVersion.run answers the uint8 images first: the rows follow that order.
+        mirrored = [m for m in mirrored if m[1].dtype == np.uint8] + [
+            m for m in mirrored if m[1].dtype != np.uint8
+        ]
+        images = joined([m[1] for m in mirrored if m[1].dtype == np.uint8], NO_IMAGES)
+        floats = joined([m[1] for m in mirrored if m[1].dtype != np.uint8], NO_FLOATS)
         rows = [
             (member.request_id, index, int(cls), model_ms)
             for member, _, values, _, _, model_ms in mirrored
             for index, cls in enumerate(values.argmax(axis=1).tolist())
         ]
         meta = {"time": mirrored[0][4], "champion": mirrored[0][3], "rows": rows}
-        self.shadow_worker.offer((local, self.shadow[0], batch, meta))
+        self.shadow_worker.offer((local, self.shadow[0], images, floats, meta))
 
     async def _execute_bls(self, requests: list[Any]) -> list[Any]:
         started = time.perf_counter()

@@ -1,15 +1,23 @@
 """Triton python-backend model: one ResNet18 version run with ONNX Runtime.
 
 The repository writer copies this file to ``cifar10_resnet18/<N>/model.py`` beside that version's
-``model.onnx``. It runs inside Triton's python-backend stub, so it is self-contained: numpy and
-onnxruntime only, never the ``cifar_assets`` package.
+``model.onnx`` and ``model_serving.onnx``. It runs inside Triton's python-backend stub, so it is
+self-contained: numpy and onnxruntime only, never the ``cifar_assets`` package.
 
-A request carries exactly one of two inputs: ``images_uint8`` (N, 32, 32, 3) raw pixels, normalised
-here exactly as ``cifar_assets.ml.model.normalise_uint8`` does, or ``input`` (N, 3, 32, 32) float32
-already normalised, each value within +-FLOAT_LIMIT. A bad request gets an INVALID_ARG error of
-its own that names the problem; the other requests of the same dynamic batch are still answered,
-and all valid ones run as one ONNX Runtime call. Logits that are not finite are never answered:
-that request gets an INTERNAL error instead.
+A request carries exactly one of two inputs: ``images_uint8`` (N, 32, 32, 3) raw pixels, or
+``input`` (N, 3, 32, 32) float32 already normalised, each value within +-FLOAT_LIMIT. The session
+runs ``model_serving.onnx`` (``cifar_assets.ml.onnx_export.add_uint8_input``): the network with
+the normalisation of ``cifar_assets.ml.model.normalise_uint8`` in the graph, so ONNX Runtime
+normalises the pixels, and both kinds of request of a dynamic batch go into one ONNX Runtime call.
+A bad request gets an INVALID_ARG error of its own that names the problem; the other requests of
+the same dynamic batch are still answered. Logits that are not finite are never answered: that
+request gets an INTERNAL error instead.
+
+Copies: ``as_numpy()`` of an input is the python backend's own copy of the request out of shared
+memory (made when the stub builds the tensor, DLPack or not); a request that is alone in its
+batch goes to ONNX Runtime as that array, with no further copy, and each output is copied once
+into shared memory when the response leaves (``pb_utils.Tensor.from_dlpack`` would copy it the
+same way on a CPU).
 """
 
 from __future__ import annotations
@@ -24,17 +32,19 @@ import triton_python_backend_utils as pb_utils
 
 UINT8_INPUT = "images_uint8"
 FLOAT_INPUT = "input"
-# Keep in step with cifar_assets.ml.model.CIFAR_MEAN / CIFAR_STD (a test compares the outputs).
-CIFAR_MEAN = np.asarray((0.4914, 0.4822, 0.4465), dtype=np.float32)
-CIFAR_STD = np.asarray((0.2470, 0.2435, 0.2616), dtype=np.float32)
+SERVING_ONNX = "model_serving.onnx"  # keep in step with repository.SERVING_ONNX
+NO_IMAGES = np.zeros((0, 32, 32, 3), dtype=np.uint8)
+NO_FLOATS = np.zeros((0, 3, 32, 32), dtype=np.float32)
 # Normalised pixels lie within [-1.99, 2.13]; the limit leaves room for other normalisations
 # (ImageNet's reaches 2.64) and refuses raw 0-255 floats and values that overflow the network.
 FLOAT_LIMIT = 5.0
 
 
-def normalise_uint8(images: np.ndarray) -> np.ndarray:
-    scaled = images.astype(np.float32) / 255.0
-    return np.ascontiguousarray(((scaled - CIFAR_MEAN) / CIFAR_STD).transpose(0, 3, 1, 2))
+def joined(arrays: list[np.ndarray], empty: np.ndarray) -> np.ndarray:
+    """One array of all ``arrays`` (no copy for one), or ``empty`` for none."""
+    if not arrays:
+        return empty
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -55,11 +65,12 @@ class TritonPythonModel:
         self.version = int(args["model_version"])
         self.max_batch_size = int(config.get("max_batch_size", 0))
         parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        onnx_path = Path(args["model_repository"]) / str(self.version) / "model.onnx"
+        onnx_path = Path(args["model_repository"]) / str(self.version) / SERVING_ONNX
         if not onnx_path.is_file():
             raise pb_utils.TritonModelException(
                 f"{onnx_path} is missing: write the version with "
-                "cifar_assets.serving.repository.write_version before loading it."
+                "cifar_assets.serving.repository.write_version before loading it (it derives "
+                f"{SERVING_ONNX} from model.onnx)."
             )
         options = ort.SessionOptions()
         # The cores are shared with the HTTP/gRPC threads and the router's stub: thread count
@@ -73,11 +84,10 @@ class TritonPythonModel:
         self.session: ort.InferenceSession | None = ort.InferenceSession(
             str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"]
         )
-        self.onnx_input = self.session.get_inputs()[0].name
-        self.onnx_output = self.session.get_outputs()[0].name
 
     def _read_request(self, request: Any) -> np.ndarray | str:
-        """The request's images as normalised float32 NCHW, or the reason it is rejected."""
+        """The request's images (uint8 NHWC or normalised float32 NCHW, as sent), or the reason
+        it is rejected."""
         images = pb_utils.get_input_tensor_by_name(request, UINT8_INPUT)
         floats = pb_utils.get_input_tensor_by_name(request, FLOAT_INPUT)
         where = f"{self.model_name} version {self.version}"
@@ -94,7 +104,7 @@ class TritonPythonModel:
                     f"{where}: '{UINT8_INPUT}' must be uint8 (N, 32, 32, 3), got "
                     f"{array.dtype} {array.shape}."
                 )
-            batch = normalise_uint8(array)
+            batch = array
         else:
             batch = floats.as_numpy()
             if batch.dtype != np.float32 or batch.shape[1:] != (3, 32, 32):
@@ -128,21 +138,24 @@ class TritonPythonModel:
         if session is None:
             raise pb_utils.TritonModelException(f"{self.model_name} was finalized; load it again.")
         responses: list[Any] = [None] * len(requests)
-        batches: list[np.ndarray] = []
-        valid: list[int] = []
+        # One ONNX Runtime call for the whole batch: its logits hold the uint8 requests' rows
+        # first, then the float requests', each kind in request order.
+        kinds: dict[bool, list[tuple[int, np.ndarray]]] = {True: [], False: []}
         for index, request in enumerate(requests):
             batch = self._read_request(request)
             if isinstance(batch, str):
                 responses[index] = invalid(batch)
             else:
-                batches.append(batch)
-                valid.append(index)
-        if batches:
-            joined = batches[0] if len(batches) == 1 else np.concatenate(batches)
-            logits = session.run([self.onnx_output], {self.onnx_input: joined})[0]
-            logits = np.ascontiguousarray(logits, dtype=np.float32)
+                kinds[batch.dtype == np.uint8].append((index, batch))
+        valid = kinds[True] + kinds[False]
+        if valid:
+            feed = {
+                UINT8_INPUT: joined([batch for _, batch in kinds[True]], NO_IMAGES),
+                FLOAT_INPUT: joined([batch for _, batch in kinds[False]], NO_FLOATS),
+            }
+            logits = session.run(["logits"], feed)[0]
             start = 0
-            for index, batch in zip(valid, batches, strict=True):
+            for index, batch in valid:
                 part = logits[start : start + batch.shape[0]]
                 start += batch.shape[0]
                 if not np.isfinite(part).all():
