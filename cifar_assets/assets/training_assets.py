@@ -1,11 +1,12 @@
 """Training stage: ``trained_model`` (one MLflow run per training) and ``model_evaluation``."""
 
+import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, get_type_hints
 
 import dagster as dg
-from pydantic import Field
+from pydantic import Field, create_model
 
 from cifar_assets.artifacts import ModelEvaluation, TrainedModel
 from cifar_assets.assets.metadata import image, input_version_tags, table, versioned_output
@@ -16,33 +17,30 @@ from cifar_assets.resources import MLflowResource
 from cifar_assets.settings import get_settings
 
 TRAINING_GROUP = "training"
-_DEFAULTS = TrainConfig()
 
 
-class TrainingConfig(dg.Config):
-    """Hyperparameters; the defaults are a GPU recipe for the full CIFAR-10 (see TrainConfig)."""
-
-    epochs: int = Field(default=_DEFAULTS.epochs, description="Passes over the training split.")
-    batch_size: int = Field(default=_DEFAULTS.batch_size)
-    lr: float = Field(default=_DEFAULTS.lr, description="Peak one-cycle learning rate.")
-    warmup_fraction: float = Field(default=_DEFAULTS.warmup_fraction)
-    weight_decay: float = Field(default=_DEFAULTS.weight_decay)
-    momentum: float = Field(default=_DEFAULTS.momentum)
-    nesterov: bool = Field(default=_DEFAULTS.nesterov)
-    label_smoothing: float = Field(default=_DEFAULTS.label_smoothing)
-    augment: bool = Field(default=_DEFAULTS.augment, description="Random flip and translate.")
-    translate: int = Field(default=_DEFAULTS.translate)
-    stem: Literal["cifar", "imagenet"] = Field(
-        default=_DEFAULTS.stem, description="cifar: accurate; imagenet: about 5x faster on CPU."
+def _dagster_config(source: type) -> type[dg.Config]:
+    """The Dagster config class of a hyperparameter dataclass: the same fields, types, defaults
+    and descriptions, so a new hyperparameter is one edit in TrainConfig."""
+    hints = get_type_hints(source)
+    fields_ = {
+        f.name: (hints[f.name], Field(default=f.default, description=f.metadata["doc"]))
+        for f in dataclasses.fields(source)
+    }
+    return create_model(  # type: ignore[call-overload]
+        "TrainingConfig",
+        __base__=dg.Config,
+        __doc__="Hyperparameters; the defaults are a GPU recipe for the full CIFAR-10 "
+        "(see cifar_assets.ml.training.TrainConfig).",
+        __module__=__name__,
+        **fields_,
     )
-    seed: int = Field(default=_DEFAULTS.seed)
-    device: Literal["auto", "cpu", "cuda"] = Field(default=_DEFAULTS.device)
-    compile: bool = Field(default=_DEFAULTS.compile, description="torch.compile (GPU runs).")
-    mixed_precision: bool = Field(
-        default=_DEFAULTS.mixed_precision, description="bf16 autocast + channels_last on CUDA."
-    )
-    max_steps: int | None = Field(default=None, description="Cap on optimizer steps.")
-    num_threads: int | None = Field(default=None, description="CPU threads for torch.")
+
+
+if TYPE_CHECKING:  # to the type checker it is a Config; Dagster reads the generated fields
+    TrainingConfig = dg.Config
+else:
+    TrainingConfig = _dagster_config(TrainConfig)
 
 
 def _run_tags(context: dg.AssetExecutionContext) -> dict[str, str]:

@@ -25,7 +25,7 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -41,23 +41,13 @@ if TYPE_CHECKING:
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
 
-# Fields that change the computed weights. device, compile and num_threads change speed (and on
-# CUDA the last bits), not the recipe, so a run interrupted on one machine resumes on another.
-_RECIPE_FIELDS = (
-    "epochs",
-    "batch_size",
-    "lr",
-    "warmup_fraction",
-    "weight_decay",
-    "momentum",
-    "nesterov",
-    "label_smoothing",
-    "augment",
-    "translate",
-    "stem",
-    "seed",
-    "max_steps",
-)
+
+def _hp(default: Any, doc: str, *, recipe: bool = True) -> Any:
+    """A hyperparameter: its default, its one-line description (shown in the Dagster UI, whose
+    TrainingConfig is generated from these fields), and whether it changes the computed weights
+    (``recipe``). device, compile, mixed_precision and num_threads change speed (and on CUDA the
+    last bits), not the recipe, so a run interrupted on one machine resumes on another."""
+    return field(default=default, metadata={"doc": doc, "recipe": recipe})
 
 
 @dataclass(frozen=True)
@@ -67,42 +57,44 @@ class TrainConfig:
 
     # One-cycle ResNet18 recipes reach about 94-95% CIFAR-10 test accuracy in 30-40 epochs; 35
     # sits inside that range instead of the 200 epochs of step-decay recipes.
-    epochs: int = 35
+    epochs: int = _hp(35, "Passes over the training split.")
     # 512 keeps a large GPU busy and is the batch of the fast CIFAR recipes (DAWNBench, airbench).
-    batch_size: int = 512
+    batch_size: int = _hp(512, "Images per optimizer step.")
     # Peak learning rate of the one-cycle schedule: the linear scaling rule (Goyal et al. 2017)
     # applied to the classic 0.1 at batch 256.
-    lr: float = 0.2
+    lr: float = _hp(0.2, "Peak one-cycle learning rate.")
     # A quarter of the steps warming up linearly, then linear decay: the triangular schedule of
     # the fast CIFAR recipes, which tolerates a high peak rate without early divergence.
-    warmup_fraction: float = 0.25
+    warmup_fraction: float = _hp(0.25, "Share of the steps warming up.")
     # 5e-4 is the standard weight decay for ResNets on CIFAR-10; less overfits 50k images.
-    weight_decay: float = 5e-4
+    weight_decay: float = _hp(5e-4, "SGD weight decay.")
     # Nesterov SGD with 0.9 momentum generalises better than Adam on CIFAR ResNets.
-    momentum: float = 0.9
-    nesterov: bool = True
+    momentum: float = _hp(0.9, "SGD momentum.")
+    nesterov: bool = _hp(True, "Nesterov momentum.")
     # Label smoothing 0.2 (airbench) improves accuracy and calibration in short schedules.
-    label_smoothing: float = 0.2
+    label_smoothing: float = _hp(0.2, "Label smoothing of the loss.")
     # Random horizontal flip plus a translation of up to ``translate`` pixels (reflected border):
     # the standard CIFAR augmentation, worth several points of accuracy.
-    augment: bool = True
-    translate: int = 4
+    augment: bool = _hp(True, "Random flip and translate.")
+    translate: int = _hp(4, "Largest translation in pixels.")
     # The CIFAR stem keeps 32x32 resolution in the first stage and is the accurate choice; the
     # ImageNet stem is about 5x faster on a CPU and serves quick runs and tests.
-    stem: Literal["cifar", "imagenet"] = "cifar"
-    seed: int = 0
+    stem: Literal["cifar", "imagenet"] = _hp(
+        "cifar", "cifar: accurate; imagenet: about 5x faster on CPU."
+    )
+    seed: int = _hp(0, "Seed of the weights, data order and augmentation.")
     # "auto" takes CUDA when there is one; forcing "cuda" without one is an error.
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = _hp("auto", "Where to train.", recipe=False)
     # Measured on an H200 (CIFAR stem, batch 512, 50k images): eager 50-54k img/s, compiled
     # 63-69k img/s after a 16 s first epoch (eager: 8 s); the compilation outweighs the gain below ~45
     # epochs of that size, so it is off by default.
-    compile: bool = False
+    compile: bool = _hp(False, "torch.compile (GPU runs).", recipe=False)
     # bf16 autocast + channels_last on CUDA (no effect on CPU); off only to measure what they give.
-    mixed_precision: bool = True
+    mixed_precision: bool = _hp(True, "bf16 autocast + channels_last on CUDA.", recipe=False)
     # Caps the total optimizer steps (the schedule spans the capped count); for tests and smoke runs.
-    max_steps: int | None = None
+    max_steps: int | None = _hp(None, "Cap on optimizer steps.")
     # CPU threads for the run (torch.set_num_threads), restored afterwards; None keeps torch's.
-    num_threads: int | None = None
+    num_threads: int | None = _hp(None, "CPU threads for torch.", recipe=False)
 
     def __post_init__(self) -> None:
         problems = []
@@ -130,7 +122,7 @@ class TrainConfig:
 
     def recipe_hash(self, train_fingerprint: str) -> str:
         """Identifies the weights this config computes from this training set."""
-        recipe = {name: getattr(self, name) for name in _RECIPE_FIELDS}
+        recipe = {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["recipe"]}
         recipe["train_fingerprint"] = train_fingerprint
         return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
