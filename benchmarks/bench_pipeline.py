@@ -81,13 +81,13 @@ def import_seconds(env: dict[str, str]) -> list[dict[str, float]]:
 
 
 def job_environment(base: Path) -> dict[str, str]:
-    from tests.serving_fixtures import copy_repository, free_ports
+    from cifar_assets.serving.launcher import copy_repository, free_ports
 
     var = base / "var"
     home = var / "dagster_home"
     home.mkdir(parents=True)
     shutil.copyfile(PROJECT_ROOT / "configs" / "dagster.yaml", home / "dagster.yaml")
-    repo = copy_repository(base / "triton_repo")
+    repo = copy_repository(base / "triton_repo", PROJECT_ROOT / "triton_repo")
     http, grpc, metrics = free_ports(3)
     env = {k: v for k, v in os.environ.items() if k not in STATE_VARIABLES}
     env.update(

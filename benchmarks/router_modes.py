@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_serving import export_models
 
 from cifar_assets.serving import repository
+from cifar_assets.serving.launcher import start_scratch_server
 from cifar_assets.serving.loadtest import process_tree_cpu_ms, run_load
-from tests.serving_fixtures import start_serving
 
 MODES = ("inprocess", "bls")
 WARMUP = 3
@@ -48,7 +48,7 @@ def main() -> None:
     cells: dict[str, dict[str, Any]] = {}
 
     def measure(key: str, url: str, protocol: str, model: str, version: int | None) -> None:
-        before = process_tree_cpu_ms(env.server.pid)
+        before = process_tree_cpu_ms(server.pid)
         result = run_load(
             url,
             protocol,
@@ -60,7 +60,7 @@ def main() -> None:
             warmup=WARMUP,
         )
         cell = cells.setdefault(key, {"rates": [], "latencies": [], "cpu_ms": 0.0, "n": 0})
-        cell["cpu_ms"] += process_tree_cpu_ms(env.server.pid) - before
+        cell["cpu_ms"] += process_tree_cpu_ms(server.pid) - before
         cell["n"] += result.succeeded + result.failed + WARMUP
         cell["rates"].append(result.images_per_s)
         cell["latencies"].extend(result.latencies_ms)
@@ -68,23 +68,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="router-modes-") as scratch:
         base = Path(scratch)
         models = export_models(base)
-        env = start_serving(base, {1: models["fp32"], 2: models["int8"]}, sample_rate=0.1)
+        server = start_scratch_server(base, {1: models["fp32"], 2: models["int8"]})
+        config = server.config
         load_start = load_average()
         try:
             for round_index in range(args.rounds):
                 for precision, version in (("fp32", 1), ("int8", 2)):
-                    repository.set_ab_weights({version: 1.0}, state_dir=env.state_dir)
+                    repository.set_ab_weights({version: 1.0}, state_dir=config.state_dir)
                     for mode in MODES:
                         repository.load_router(
-                            env.http_url,
-                            repo=env.repo,
-                            state_dir=env.state_dir,
-                            capture_dir=env.capture_dir,
+                            config.http_url,
+                            repo=config.repo,
+                            state_dir=config.state_dir,
+                            capture_dir=config.capture_dir,
+                            capture_input_sample_rate=config.capture_input_sample_rate,
                             execution=mode,
                         )
                         time.sleep(2)
                         for protocol in ("http", "grpc"):
-                            url = env.http_url if protocol == "http" else env.grpc_url
+                            url = config.http_url if protocol == "http" else config.grpc_url
                             pair = [
                                 (f"{precision}/direct/{protocol}", repository.MODEL_NAME, version),
                                 (f"{precision}/{mode}/{protocol}", repository.ROUTER_NAME, None),
@@ -93,7 +95,7 @@ def main() -> None:
                                 measure(key, url, protocol, model, served)
                 print(f"round {round_index + 1}/{args.rounds} done", file=sys.stderr, flush=True)
         finally:
-            env.server.stop()
+            server.stop()
         load_end = load_average()
 
     figures = {
