@@ -275,8 +275,9 @@ def test_onnx_model_asset_drops_a_rejected_int8_and_keeps_fp32(
     )
 
     exported = output.value
-    assert exported.int8_path is None and not (model_dir / "onnx" / "model.int8.onnx").exists()
-    assert Path(exported.fp32_path).is_file()
+    fp32 = Path(exported.fp32_path)
+    assert exported.int8_path is None and not (fp32.parent / "model.int8.onnx").exists()
+    assert fp32.is_file() and not fp32.is_relative_to(model_dir), "its own folder"
     metadata = {key: value.value for key, value in output.metadata.items()}
     assert metadata["int8_kept"] is False
     assert metadata["int8_top1_agreement"] < 1.0

@@ -124,68 +124,29 @@ def drift_report(
     mlflow: MLflowResource,
     incoming_batch: ImageSet,
 ) -> dg.Output[DriftVerdict]:
-    import json
-
     import pandas as pd
 
-    from cifar_assets.data.features import compute_features
-    from cifar_assets.drift.baseline import (
-        MODEL_FILE,
-        BaselineVersionError,
-        DriftBaseline,
-        baseline_dir,
-    )
-    from cifar_assets.drift.report import (
-        check_batch,
-        drift_overview_png,
-        feature_distribution_png,
-    )
-    from cifar_assets.ml import registry, tracking
-    from cifar_assets.ml.embeddings import embed, predict_proba
-    from cifar_assets.ml.model import load_model
+    from cifar_assets.drift.check import NoDetectorsError, check_incoming_batch
+    from cifar_assets.ml import tracking
 
-    log = context.log.info
-    champion = registry.aliases(mlflow.uri(), mlflow.registered_model_name()).get(registry.CHAMPION)
-    if champion is None:
-        raise dg.Failure(
-            f"{mlflow.registered_model_name()} has no champion in {mlflow.uri()}, so there are "
-            "no detectors to check this batch with: run main_job first."
-        )
-    directory = baseline_dir(get_settings().storage_dir, champion)
+    batch = context.partition_key
+    storage_dir = get_settings().storage_dir
     try:
-        baseline = DriftBaseline.load(directory, expected_model_version=str(champion))
-        model_dir = json.loads((directory / MODEL_FILE).read_text())["model_dir"]
-    except (FileNotFoundError, BaselineVersionError) as error:
-        raise dg.Failure(
-            f"No usable drift baseline for champion v{champion} under {directory} ({error}). "
-            "Materialize drift_baseline for that version (main_job or retraining_job does)."
-        ) from error
-    log(f"Checking against champion v{champion}'s detectors ({directory})")
-    model = load_model(Path(model_dir))
-    features = compute_features(incoming_batch, log=log)
-    labels = incoming_batch.labels if (incoming_batch.labels >= 0).any() else None
-    probabilities = predict_proba(model, incoming_batch.images, log=log)
-    report = check_batch(
-        baseline,
-        embed(model, incoming_batch.images, log=log),
-        probabilities,
-        features,
-        labels,
-        log=log,
-    )
-    out_dir = get_settings().storage_dir / "drift_report" / context.partition_key
-    out_dir.mkdir(parents=True, exist_ok=True)
-    details = report.to_dict()
-    report_file = out_dir / "report.json"
-    report_file.write_text(json.dumps(details, indent=2) + "\n")
-    overview = drift_overview_png(report, baseline, probabilities, out_dir / "drift_overview.png")
-    pictures = [overview]
-    detectors = pd.DataFrame(
-        [
-            {"detector": name, **{k: v for k, v in d.items() if k != "details"}}
-            for name, d in details["detectors"].items()
-        ]
-    )
+        check = check_incoming_batch(
+            incoming_batch,
+            batch,
+            tracking_uri=mlflow.uri(),
+            model_name=mlflow.registered_model_name(),
+            storage_dir=storage_dir,
+            out_dir=storage_dir / "drift_report" / batch,
+            run_tags={"dagster_run_id": context.run_id}
+            | input_version_tags(incoming_batch=incoming_batch),
+            artifact_location=mlflow.artifact_location(),
+            log=context.log.info,
+        )
+    except NoDetectorsError as error:
+        raise dg.Failure(str(error)) from error
+    report = check.report
     metadata: dict[str, Any] = {
         "drift": report.drift,
         "data_drift": report.data_drift,
@@ -193,65 +154,19 @@ def drift_report(
         "score": report.score,
         "images": report.n,
         "moved_features": dg.MetadataValue.json(report.moved_features),
-        "detectors": table(detectors),
+        "detectors": table(pd.DataFrame(check.detector_rows())),
         "batch_accuracy": report.batch_accuracy if report.batch_accuracy is not None else -1.0,
-        "labelled": labels is not None,
+        "labelled": check.labelled,
         "model_version": int(report.model_version),
-        "drift_overview": image(overview, "drift overview"),
+        "drift_overview": image(check.overview_png, "drift overview"),
+        "mlflow_run": dg.MetadataValue.url(tracking.run_url(mlflow.uri(), check.mlflow_run_id)),
     }
-    if report.moved_features:
-        plot = feature_distribution_png(
-            baseline.features.reference_features(),
-            features,
-            report.moved_features,
-            out_dir / "moved_features.png",
-        )
-        pictures.append(plot)
-        metadata["moved_feature_distributions"] = image(plot, "moved features")
-    run_id = tracking.log_monitoring_run(
-        mlflow.uri(),
-        mlflow.registered_model_name(),
-        run_name=f"drift-{context.partition_key}",
-        tags={
-            "kind": "drift_report",
-            "batch": context.partition_key,
-            "model_version": report.model_version,
-            "dagster_run_id": context.run_id,
-        }
-        | input_version_tags(incoming_batch=incoming_batch),
-        params={"p_val": report.p_val, "images": report.n, "model_version": report.model_version},
-        metrics={
-            "drift": float(report.drift),
-            "score": report.score,
-            "combined_p_value": report.combined_p_value,
-            "batch_accuracy": report.batch_accuracy,
-            **{f"p_value_{result.name}": result.p_value for result in report.results},
-            **{f"distance_{result.name}": result.distance for result in report.results},
-        },
-        files=[report_file, *pictures],
-        artifact_location=mlflow.artifact_location(),
+    if check.moved_features_png is not None:
+        metadata["moved_feature_distributions"] = image(check.moved_features_png, "moved features")
+    verdict = DriftVerdict(
+        batch, report.drift, report.score, check.labelled, report.model_version, report.to_dict()
     )
-    metadata["mlflow_run"] = dg.MetadataValue.url(tracking.run_url(mlflow.uri(), run_id))
-    from cifar_assets.metrics import write_drift_status
-
-    write_drift_status(
-        get_settings().storage_dir, context.partition_key, report.score, report.drift
-    )
-    context.log.info(
-        f"Batch {context.partition_key}: drift={report.drift} score={report.score:.3f} "
-        f"moved={report.moved_features[:5]}"
-    )
-    return versioned_output(
-        DriftVerdict(
-            batch=context.partition_key,
-            drift=report.drift,
-            score=report.score,
-            labelled=labels is not None,
-            model_version=report.model_version,
-            details=details,
-        ),
-        metadata=metadata,
-    )
+    return versioned_output(verdict, metadata=metadata)
 
 
 class ABTestConfig(dg.Config):
@@ -284,155 +199,61 @@ def ab_test_report(
     mlflow: MLflowResource,
     triton_deployment: TritonDeployment,
 ) -> dg.Output[ABTestSummary]:
-    import json
-
     import pandas as pd
 
-    from cifar_assets.serving.gates import act, judge_stage
-    from cifar_assets.serving.rollout import FIXED
+    from cifar_assets.ml import tracking
+    from cifar_assets.serving.ab_test import NoABTestError, log_ab_run, run_ab_test
 
     server = triton.server_config()
-    rollout = rollout_for(mlflow, server)
-    state = rollout.state()
-    weights = {v: w for v, w in state.weights.items() if w > 0}
-    staged = state.stage not in (None, FIXED)
-    if len(weights) != 2 and not staged:
-        raise dg.Failure(
-            f"No A/B test is running: the router's weights are {weights or 'unset'} and no "
-            "staged rollout runs. Deploy a challenger (retraining_job, or main_job when the gate "
-            "keeps the champion) first."
+    try:
+        run = run_ab_test(
+            rollout_for(mlflow, server),
+            server.capture_dir,
+            get_settings().storage_dir / "ab_test_report",
+            alpha=config.alpha,
+            min_effect=config.min_effect,
+            apply_rollout=config.apply_rollout,
+            actor=f"dagster run {context.run_id}",
+            log=context.log.info,
         )
-    out_dir = get_settings().storage_dir / "ab_test_report"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    except NoABTestError as error:
+        raise dg.Failure(str(error)) from error
     metadata: dict[str, Any] = {}
-    files: list[Path] = []
-    if len(weights) == 2:
-        summary, ab_metadata, files = _ab_analysis(config, server.capture_dir, weights, out_dir)
-        metadata |= ab_metadata
-    else:
-        summary = ABTestSummary(state.champion or 0, state.challenger or 0, "keep_testing", "")
-    if staged:
-        judgement = judge_stage(state, server.capture_dir)
-        gates = pd.DataFrame([vars(gate) for gate in judgement.gates]) if judgement.gates else None
+    if run.report is not None:
+        report = run.report
+        metadata |= {
+            "decision": report.decision,
+            "reason": report.reason,
+            "control": report.control,
+            "treatment": report.treatment,
+            "srm_p_value": report.srm.p_value,
+            "sequential_p_value": report.accuracy_test.p_value,
+            "fixed_horizon_n_per_arm": report.fixed_horizon_n_per_arm,
+            "per_version": table(
+                pd.DataFrame([{"version": v, **vars(s)} for v, s in report.versions.items()])
+            ),
+            "ab_results": image(run.results_png, "A/B results") if run.results_png else "",
+        }
+    if run.judgement is not None:
+        judgement = run.judgement
         metadata |= {
             "stage": judgement.stage,
             "stage_action": judgement.action,
             "stage_reason": judgement.reason,
             "stage_evidence": dg.MetadataValue.json(judgement.evidence),
         }
-        if gates is not None:
-            metadata["gates"] = table(gates)
-        stage_file = out_dir / "stage.json"
-        stage_file.write_text(json.dumps(judgement.to_dict(), indent=2, default=str) + "\n")
-        files.append(stage_file)
-        summary = ABTestSummary(
-            summary.control,
-            summary.treatment,
-            summary.decision,
-            summary.reason,
-            {**summary.details, "stage": judgement.to_dict()},
-        )
-        if config.apply_rollout:
-            transition = act(rollout, judgement, actor=f"dagster run {context.run_id}")
-            metadata["transition"] = transition.action if transition else "none"
-        context.log.info(f"Stage {judgement.stage}: {judgement.action}: {judgement.reason}")
-    metadata["mlflow_run"] = dg.MetadataValue.url(
-        _log_ab_run(
-            context,
-            config,
-            mlflow,
-            summary,
-            weights,
-            metadata,
-            files,
-            input_version_tags(triton_deployment=triton_deployment),
-        )
-    )
-    return versioned_output(summary, metadata=metadata)
-
-
-def _ab_analysis(
-    config: ABTestConfig, capture_dir: Path, weights: dict[int, float], out_dir: Path
-) -> tuple[ABTestSummary, dict[str, Any], list[Path]]:
-    """The A/B comparison of the two weighted versions on the capture joined with feedback."""
-    import json
-
-    import pandas as pd
-
-    from cifar_assets.drift.ab_stats import ab_results_png, analyse_ab
-    from cifar_assets.serving.capture import read_capture, read_feedback
-
-    # the control is the version with more traffic (on a 50/50 split, the older one)
-    control, treatment = sorted(weights, key=lambda v: (-weights[v], v))
-    capture = read_capture(capture_dir)
-    feedback = read_feedback(capture_dir)[["request_id", "item", "label"]]
-    records = capture.merge(feedback, on=["request_id", "item"], how="left")
-    records["correct"] = (records["predicted_class"] == records["label"]).where(
-        records["label"].notna()
-    )
-    records = records[records["served_version"].isin(list(weights))]
-    report = analyse_ab(records, weights, control, treatment, config.alpha, config.min_effect)
-    plot = ab_results_png(report, out_dir / "ab_results.png")
-    per_version = pd.DataFrame(
-        [{"version": v, **vars(s)} for v, s in report.versions.items()]
-    ).round(4)
-    report_file = out_dir / "ab_report.json"
-    report_file.write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
-    metadata = {
-        "decision": report.decision,
-        "reason": report.reason,
-        "control": control,
-        "treatment": treatment,
-        "srm_p_value": report.srm.p_value,
-        "sequential_p_value": report.accuracy_test.p_value,
-        "fixed_horizon_n_per_arm": report.fixed_horizon_n_per_arm,
-        "per_version": table(per_version),
-        "ab_results": image(plot, "A/B results"),
-    }
-    summary = ABTestSummary(control, treatment, report.decision, report.reason, report.to_dict())
-    return summary, metadata, [report_file, plot]
-
-
-def _log_ab_run(
-    context: dg.AssetExecutionContext,
-    config: ABTestConfig,
-    mlflow: MLflowResource,
-    summary: ABTestSummary,
-    weights: dict[int, float],
-    metadata: dict[str, Any],
-    files: list[Path],
-    input_tags: dict[str, str],
-) -> str:
-    """The report as a finished MLflow run in the monitoring experiment; returns its URL."""
-    from cifar_assets.ml import tracking
-
-    context.log.info(
-        f"A/B v{summary.control} vs v{summary.treatment}: {summary.decision}: {summary.reason}"
-    )
-    metrics: dict[str, float | None] = {}
-    for version, stats in summary.details.get("versions", {}).items():
-        for key in ("requests", "share", "n_feedback", "accuracy", "latency_p50_ms"):
-            metrics[f"v{version}_{key}"] = stats.get(key)
-    for key in ("srm_p_value", "sequential_p_value", "fixed_horizon_n_per_arm"):
-        if key in metadata:
-            metrics[key] = float(metadata[key])
-    run_id = tracking.log_monitoring_run(
-        mlflow.uri(),
-        mlflow.registered_model_name(),
-        run_name=f"ab-v{summary.control}-vs-v{summary.treatment}",
-        tags={
-            "kind": "ab_test",
-            "control": summary.control,
-            "treatment": summary.treatment,
-            "decision": summary.decision,
-            "stage": metadata.get("stage", "none"),
-            "stage_action": metadata.get("stage_action", "none"),
-            "dagster_run_id": context.run_id,
-        }
-        | input_tags,
-        params={"alpha": config.alpha, "min_effect": config.min_effect, "weights": weights},
-        metrics=metrics,
-        files=files,
+        if judgement.gates:
+            metadata["gates"] = table(pd.DataFrame([vars(gate) for gate in judgement.gates]))
+        if run.transition is not None:
+            metadata["transition"] = run.transition
+    run_id = log_ab_run(
+        run,
+        tracking_uri=mlflow.uri(),
+        model_name=mlflow.registered_model_name(),
+        params={"alpha": config.alpha, "min_effect": config.min_effect},
+        tags={"dagster_run_id": context.run_id}
+        | input_version_tags(triton_deployment=triton_deployment),
         artifact_location=mlflow.artifact_location(),
     )
-    return tracking.run_url(mlflow.uri(), run_id)
+    metadata["mlflow_run"] = dg.MetadataValue.url(tracking.run_url(mlflow.uri(), run_id))
+    return versioned_output(run.summary, metadata=metadata)

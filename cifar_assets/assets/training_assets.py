@@ -12,7 +12,7 @@ from cifar_assets.artifacts import ModelEvaluation, TrainedModel
 from cifar_assets.assets.metadata import image, input_version_tags, table, versioned_output
 from cifar_assets.assets.validation_assets import validation_report
 from cifar_assets.data.imageset import Splits
-from cifar_assets.ml.training import EpochMetrics, Progress, TrainConfig
+from cifar_assets.ml.training import TrainConfig
 from cifar_assets.resources import MLflowResource
 from cifar_assets.settings import get_settings
 
@@ -72,11 +72,8 @@ def trained_model(
     cifar10_splits: Splits,
 ) -> dg.Output[TrainedModel]:
     from cifar_assets.ml import tracking
-    from cifar_assets.ml.evaluation import training_curves_png
-    from cifar_assets.ml.model import save_model
-    from cifar_assets.ml.training import train
+    from cifar_assets.ml.training_run import train_tracked
 
-    settings = get_settings()
     # A training killed with SIGKILL (even under `dagster job execute`, without the daemon) left
     # its MLflow run RUNNING: end it now, with the reason.
     for mlflow_run, reason in tracking.end_runs_of_ended_dagster_runs(
@@ -85,82 +82,44 @@ def trained_model(
         context.log.warning(f"MLflow run {mlflow_run} marked FAILED: {reason}")
     train_config = TrainConfig(**config.model_dump())
     data_version = cifar10_splits.fingerprint()
-    # The checkpoint folder is keyed by recipe and data, so a retry of a failed run resumes it.
-    recipe = train_config.recipe_hash(cifar10_splits.train.fingerprint())
-    work_dir = settings.storage_dir / "trained_model" / recipe
-    with tracking.tracking_run(
-        mlflow.uri(),
-        mlflow.experiment(),
+    started = time.monotonic()
+    run = train_tracked(
+        cifar10_splits,
+        train_config,
+        tracking_uri=mlflow.uri(),
+        experiment=mlflow.experiment(),
         run_name=f"train-{context.run_id[:8]}",
         tags=_run_tags(context)
         | {"data_version": data_version}
         | input_version_tags(cifar10_splits=cifar10_splits),
         artifact_location=mlflow.artifact_location(),
-    ) as run_id:
-        tracking.log_params(
-            mlflow.uri(),
-            run_id,
-            config.model_dump()
-            | {"data_version": data_version, "train_images": len(cifar10_splits.train)},
-        )
-
-        def on_epoch(metrics: EpochMetrics) -> None:
-            values = {k: v for k, v in vars(metrics).items() if isinstance(v, float | int)}
-            tracking.log_epoch_metrics(mlflow.uri(), run_id, metrics.epoch, values)
-            context.log.info(
-                f"epoch {metrics.epoch}/{train_config.epochs}: loss {metrics.train_loss:.4f}, "
-                f"train acc {metrics.train_accuracy:.3f}, val acc {metrics.val_accuracy}, "
-                f"{metrics.images_per_s:.0f} img/s, {metrics.eta_seconds:.0f} s left"
-            )
-
-        def on_progress(progress: Progress) -> None:
-            context.log.info(
-                f"epoch {progress.epoch} step {progress.step}/{progress.steps_in_epoch} "
-                f"(total {progress.global_step}/{progress.total_steps}): loss "
-                f"{progress.train_loss:.4f}, {progress.images_per_s:.0f} img/s, "
-                f"{progress.eta_seconds:.0f} s left"
-            )
-
-        started = time.monotonic()
-        result = train(
-            cifar10_splits.train,
-            cifar10_splits.validation,
-            train_config,
-            checkpoint_dir=work_dir / "checkpoints",
-            on_epoch=on_epoch,
-            on_progress=on_progress,
-        )
-        for note in result.notes:
-            context.log.info(note)
-        model_dir = work_dir / f"run-{context.run_id[:8]}"
-        save_model(result.model, result.architecture, model_dir)
-        curves = training_curves_png(result.history, model_dir / "training_curves.png")
-        tracking.log_artifact(mlflow.uri(), run_id, curves, "plots")
-        tracking.log_artifact(mlflow.uri(), run_id, model_dir, "model")
-    last = result.history[-1] if result.history else None
-    artifact = TrainedModel(
-        model_dir=str(model_dir),
-        stem=train_config.stem,
-        mlflow_run_id=run_id,
-        data_version=data_version,
-        epochs=train_config.epochs,
-        final_val_accuracy=last.val_accuracy if last else None,
-        images_per_s=result.images_per_s,
-        device=result.device,
+        work_root=get_settings().storage_dir / "trained_model",
+        model_folder=f"run-{context.run_id[:8]}",
+        log=context.log.info,
     )
+    last, result = run.last_epoch, run.result
     return versioned_output(
-        artifact,
+        TrainedModel(
+            model_dir=str(run.model_dir),
+            stem=train_config.stem,
+            mlflow_run_id=run.mlflow_run_id,
+            data_version=data_version,
+            epochs=train_config.epochs,
+            final_val_accuracy=last.val_accuracy if last else None,
+            images_per_s=result.images_per_s,
+            device=result.device,
+        ),
         metadata={
-            "mlflow_run": dg.MetadataValue.url(tracking.run_url(mlflow.uri(), run_id)),
-            "mlflow_run_id": run_id,
-            "model_dir": dg.MetadataValue.path(str(model_dir)),
+            "mlflow_run": dg.MetadataValue.url(tracking.run_url(mlflow.uri(), run.mlflow_run_id)),
+            "mlflow_run_id": run.mlflow_run_id,
+            "model_dir": dg.MetadataValue.path(str(run.model_dir)),
             "val_accuracy": last.val_accuracy if last and last.val_accuracy is not None else 0.0,
             "train_loss": last.train_loss if last else 0.0,
             "images_per_s": round(result.images_per_s, 1),
             "device": result.device,
             "seconds": round(time.monotonic() - started, 1),
             "resumed_from_epoch": result.resumed_from_epoch,
-            "training_curves": image(curves, "training curves"),
+            "training_curves": image(run.curves_png, "training curves"),
         },
     )
 
@@ -181,75 +140,36 @@ def model_evaluation(
 ) -> dg.Output[ModelEvaluation]:
     import pandas as pd
 
-    from cifar_assets.ml import registry, tracking
-    from cifar_assets.ml.evaluation import (
-        compare,
-        confusion_matrix_png,
-        evaluate,
-        per_class_accuracy_png,
-        predict_logits,
-    )
-    from cifar_assets.ml.model import load_model
+    from cifar_assets.ml.evaluation import evaluate_against_champion
 
-    test = cifar10_splits.test
-    model = load_model(Path(trained_model.model_dir))
-    evaluation = evaluate(predict_logits(model, test.images, log=context.log.info), test.labels)
-    plots = Path(trained_model.model_dir) / "evaluation"
-    plots.mkdir(exist_ok=True)
-    confusion = confusion_matrix_png(evaluation, plots / "confusion_matrix.png")
-    per_class = per_class_accuracy_png(evaluation, plots / "per_class_accuracy.png")
-    metrics = evaluation.scalars()
     run_id = trained_model.mlflow_run_id
-    tracking.log_epoch_metrics(
-        mlflow.uri(), run_id, 0, {f"test_{k}": v for k, v in metrics.items()}
+    result = evaluate_against_champion(
+        Path(trained_model.model_dir),
+        cifar10_splits.test.images,
+        cifar10_splits.test.labels,
+        get_settings().storage_dir / "model_evaluation" / run_id,
+        tracking_uri=mlflow.uri(),
+        model_name=mlflow.registered_model_name(),
+        run_id=run_id,
+        log=context.log.info,
     )
-    for plot in (confusion, per_class):
-        tracking.log_artifact(mlflow.uri(), run_id, plot, "plots")
-
-    try:
-        champion = registry.get_champion(mlflow.uri(), name=mlflow.registered_model_name())
-    except registry.RegistryLookupError:  # nothing registered yet: the first model
-        champion = None
-    champion_metrics = None
+    metrics = {k: float(v) for k, v in result.evaluation.scalars().items()}
     metadata: dict[str, Any] = {
-        **{k: float(v) for k, v in metrics.items()},
-        "per_class": table(
-            pd.DataFrame(
-                {
-                    "class": evaluation.class_names,
-                    "precision": evaluation.precision.round(4),
-                    "recall": evaluation.recall.round(4),
-                    "f1": evaluation.f1.round(4),
-                    "support": evaluation.support,
-                }
-            )
-        ),
-        "confusion_matrix": image(confusion, "confusion matrix"),
-        "per_class_accuracy": image(per_class, "per-class accuracy"),
+        **metrics,
+        "per_class": table(pd.DataFrame(result.per_class_rows())),
+        "confusion_matrix": image(result.confusion_png, "confusion matrix"),
+        "per_class_accuracy": image(result.per_class_png, "per-class accuracy"),
     }
+    champion = result.champion_evaluation
     if champion is not None:
-        champion_model = registry.load_model_version(
-            mlflow.uri(), champion.version, name=mlflow.registered_model_name()
-        )
-        champion_eval = evaluate(
-            predict_logits(champion_model, test.images, log=context.log.info), test.labels
-        )
-        champion_metrics = champion_eval.scalars()
-        difference = compare(evaluation, champion_eval)
-        metadata["champion_version"] = str(champion.version)
-        metadata["vs_champion"] = table(
-            pd.DataFrame([{"metric": name, **values} for name, values in difference.items()]).round(
-                4
-            )
-        )
-        delta = difference["accuracy"]["delta"]
-        context.log.info(f"Accuracy against champion v{champion.version}: {delta:+.4f}")
+        metadata["champion_version"] = str(result.champion_version)
+        metadata["vs_champion"] = table(pd.DataFrame(result.vs_champion_rows()))
     return versioned_output(
         ModelEvaluation(
-            mlflow_run_id=trained_model.mlflow_run_id,
-            metrics={k: float(v) for k, v in metrics.items()},
-            champion_version=str(champion.version) if champion else None,
-            champion_metrics=champion_metrics,
+            mlflow_run_id=run_id,
+            metrics=metrics,
+            champion_version=str(result.champion_version) if champion is not None else None,
+            champion_metrics=champion.scalars() if champion is not None else None,
         ),
         metadata=metadata,
     )

@@ -318,3 +318,78 @@ def _save(figure: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, format="png", dpi=110)
     return path
+
+
+@dataclass(frozen=True, eq=False)
+class ModelEvaluationRun:
+    """A trained model evaluated on the test split and compared with the current champion on the
+    same images; its figures are logged to the training run."""
+
+    evaluation: Evaluation
+    confusion_png: Path
+    per_class_png: Path
+    champion_version: int | None = None
+    champion_evaluation: Evaluation | None = None
+
+    def per_class_rows(self) -> list[dict[str, Any]]:
+        e = self.evaluation
+        return [
+            {
+                "class": name,
+                "precision": round(float(e.precision[i]), 4),
+                "recall": round(float(e.recall[i]), 4),
+                "f1": round(float(e.f1[i]), 4),
+                "support": int(e.support[i]),
+            }
+            for i, name in enumerate(e.class_names)
+        ]
+
+    def vs_champion_rows(self) -> list[dict[str, Any]]:
+        """metric, this model, the champion, delta; empty when there is no champion."""
+        if self.champion_evaluation is None:
+            return []
+        return [
+            {"metric": name, **{k: round(v, 4) for k, v in values.items()}}
+            for name, values in compare(self.evaluation, self.champion_evaluation).items()
+        ]
+
+
+def evaluate_against_champion(
+    model_dir: Path,
+    images: np.ndarray,
+    labels: np.ndarray,
+    out_dir: Path,
+    *,
+    tracking_uri: str,
+    model_name: str,
+    run_id: str,
+    log: Callable[[str], None] = print,
+) -> ModelEvaluationRun:
+    """Evaluate the model saved in ``model_dir`` (and MLflow's champion, when there is one) on
+    ``images``; write the confusion matrix and per-class accuracy into ``out_dir`` and log the
+    test metrics (``test_<name>``) and plots to the MLflow run ``run_id``."""
+    from cifar_assets.ml import registry, tracking
+    from cifar_assets.ml.model import load_model
+
+    evaluation = evaluate(predict_logits(load_model(model_dir), images, log=log), labels)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    confusion = confusion_matrix_png(evaluation, out_dir / "confusion_matrix.png")
+    per_class = per_class_accuracy_png(evaluation, out_dir / "per_class_accuracy.png")
+    tracking.log_epoch_metrics(
+        tracking_uri, run_id, 0, {f"test_{k}": v for k, v in evaluation.scalars().items()}
+    )
+    for plot in (confusion, per_class):
+        tracking.log_artifact(tracking_uri, run_id, plot, "plots")
+    try:
+        champion = registry.get_champion(tracking_uri, name=model_name)
+    except registry.RegistryLookupError:  # nothing registered yet: the first model
+        champion = None
+    if champion is None:
+        return ModelEvaluationRun(evaluation, confusion, per_class)
+    champion_model = registry.load_model_version(tracking_uri, champion.version, name=model_name)
+    champion_evaluation = evaluate(predict_logits(champion_model, images, log=log), labels)
+    delta = evaluation.accuracy - champion_evaluation.accuracy
+    log(f"Accuracy against champion v{champion.version}: {delta:+.4f}")
+    return ModelEvaluationRun(
+        evaluation, confusion, per_class, champion.version, champion_evaluation
+    )

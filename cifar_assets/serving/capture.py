@@ -191,6 +191,17 @@ def read_feedback(capture_dir: Path) -> pd.DataFrame:
     return frame.reset_index(drop=True)
 
 
+def capture_with_feedback(capture_dir: Path) -> pd.DataFrame:
+    """Every captured image, with ``label`` and ``correct`` where feedback gave one (missing
+    elsewhere): request counts come from all rows, accuracy from the labelled ones."""
+    feedback = read_feedback(capture_dir)[["request_id", "item", "label"]]
+    joined = read_capture(capture_dir).merge(feedback, on=["request_id", "item"], how="left")
+    joined["correct"] = (joined["predicted_class"] == joined["label"]).where(
+        joined["label"].notna()
+    )
+    return joined
+
+
 def join_feedback(capture_dir: Path) -> pd.DataFrame:
     """Captured images that have feedback, with ``label`` and ``correct`` (prediction == label)
     beside the capture columns: the data an A/B report compares versions on."""
