@@ -10,6 +10,9 @@ from typing import Any
 
 import pytest
 
+# Triton fixtures (onnx_models, triton_server) for every test module that asks for them.
+pytest_plugins = ["tests.serving_fixtures"]
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 

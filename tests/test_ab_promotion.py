@@ -32,11 +32,7 @@ from cifar_assets.serving import repository
 from cifar_assets.serving.capture import record_feedback
 from cifar_assets.serving.client import infer, infer_ab
 from cifar_assets.serving.rollout import Rollout
-from tests.serving_fixtures import (  # noqa: F401
-    ServingEnv,
-    onnx_models_fixture,
-    triton_server_fixture,
-)
+from tests.serving_fixtures import ServingEnv
 
 
 def register_versions(uri: str, tmp_path: Path) -> None:

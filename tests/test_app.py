@@ -31,12 +31,7 @@ from cifar_assets.serving import repository
 from cifar_assets.serving.capture import join_feedback, read_capture, read_feedback
 from cifar_assets.serving.client import ServingError
 from tests.conftest import PROJECT_ROOT, subprocess_env
-from tests.serving_fixtures import (  # noqa: F401
-    ServingEnv,
-    free_ports,
-    onnx_models_fixture,
-    triton_server_fixture,
-)
+from tests.serving_fixtures import ServingEnv, free_ports
 from tests.test_ui import ARTIFACTS, BROWSER_ARGS, CHROMIUM, start, stop
 
 MODEL_NAME = "cifar10-resnet18"

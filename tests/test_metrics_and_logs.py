@@ -18,12 +18,7 @@ from cifar_assets.logs import configure_logging, get_logger
 from cifar_assets.metrics import MetricsExporter, write_drift_status
 from cifar_assets.serving.capture import record_feedback
 from cifar_assets.serving.client import infer_ab
-from tests.serving_fixtures import (  # noqa: F401
-    ServingEnv,
-    free_ports,
-    onnx_models_fixture,
-    triton_server_fixture,
-)
+from tests.serving_fixtures import ServingEnv, free_ports
 
 
 def wait_for_records(exporter: MetricsExporter, expected: int, timeout_s: float = 20.0) -> int:

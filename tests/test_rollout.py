@@ -17,11 +17,7 @@ from cifar_assets.ml.tracking import tracking_run
 from cifar_assets.serving import repository
 from cifar_assets.serving.client import infer_ab
 from cifar_assets.serving.rollout import Rollout, RolloutError
-from tests.serving_fixtures import (  # noqa: F401
-    ServingEnv,
-    onnx_models_fixture,
-    triton_server_fixture,
-)
+from tests.serving_fixtures import ServingEnv
 
 MODEL = "cifar10-resnet18"
 

@@ -28,12 +28,7 @@ from cifar_assets.serving import capture, repository
 from cifar_assets.serving.client import ServingError, infer_ab
 from cifar_assets.serving.launcher import TritonServer
 from cifar_assets.serving.loadtest import run_load
-from tests.serving_fixtures import (  # noqa: F401
-    ServingEnv,
-    onnx_models_fixture,
-    ort_logits,
-    triton_server_fixture,
-)
+from tests.serving_fixtures import ServingEnv, ort_logits
 
 pytestmark = pytest.mark.slow
 IMAGE = np.random.default_rng(3).integers(0, 256, size=(1, 32, 32, 3), dtype=np.uint8)

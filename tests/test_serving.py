@@ -22,13 +22,7 @@ from cifar_assets.serving.client import (
     get_client,
     infer,
 )
-from tests.serving_fixtures import (  # noqa: F401
-    ServingEnv,
-    copy_repository,
-    onnx_models_fixture,
-    ort_logits,
-    triton_server_fixture,
-)
+from tests.serving_fixtures import ServingEnv, copy_repository, ort_logits
 
 pytestmark = pytest.mark.slow
 RNG = np.random.default_rng(7)

@@ -22,12 +22,7 @@ import pytest
 from cifar_assets.ml.model import normalise_uint8
 from cifar_assets.serving import capture, repository
 from cifar_assets.serving.client import ServingError, infer, infer_ab
-from tests.serving_fixtures import (  # noqa: F401
-    ServingEnv,
-    onnx_models_fixture,
-    ort_logits,
-    triton_server_fixture,
-)
+from tests.serving_fixtures import ServingEnv, ort_logits
 
 pytestmark = pytest.mark.slow
 IMAGE = np.random.default_rng(21).integers(0, 256, size=(1, 32, 32, 3), dtype=np.uint8)

@@ -21,12 +21,7 @@ import pytest
 from cifar_assets.serving import repository
 from cifar_assets.serving.client import infer, infer_ab, wait_until_ready
 from cifar_assets.serving.launcher import read_pid_file
-from tests.serving_fixtures import (  # noqa: F401
-    PROJECT_ROOT,
-    ServingEnv,
-    onnx_models_fixture,
-    triton_server_fixture,
-)
+from tests.serving_fixtures import PROJECT_ROOT, ServingEnv
 
 pytestmark = pytest.mark.slow
 IMAGE = np.random.default_rng(11).integers(0, 256, size=(1, 32, 32, 3), dtype=np.uint8)

@@ -25,12 +25,7 @@ from cifar_assets.serving import capture, launcher, repository
 from cifar_assets.serving.client import infer_ab
 from cifar_assets.serving.launcher import TritonServer, remove_orphans, shm_family, stop_and_clean
 from cifar_assets.serving.loadtest import run_load
-from tests.serving_fixtures import (  # noqa: F401
-    ServingEnv,
-    copy_repository,
-    onnx_models_fixture,
-    start_serving,
-)
+from tests.serving_fixtures import ServingEnv, copy_repository, start_serving
 
 KILLS = 5
 ROUTER_MODEL = Path(repository.ROUTER_TEMPLATE)

@@ -24,11 +24,7 @@ from cifar_assets.serving.capture import read_shadow, record_feedbacks
 from cifar_assets.serving.client import infer_ab
 from cifar_assets.serving.gates import act, judge_stage
 from cifar_assets.serving.rollout import Rollout, RolloutPlan
-from tests.serving_fixtures import (  # noqa: F401
-    ServingEnv,
-    onnx_models_fixture,
-    triton_server_fixture,
-)
+from tests.serving_fixtures import ServingEnv
 
 MODEL = "cifar10-resnet18"
 
