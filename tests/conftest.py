@@ -77,3 +77,31 @@ def whole_state() -> dict[str, Any]:
         "ready": [v for v in range(1, 6) if rollout.server_ready(v)],
         "problems": rollout.check(server_ready=rollout.server_ready),
     }
+
+
+def wait_until(condition: Any, what: str, timeout_s: float = 30.0, interval_s: float = 0.1) -> Any:
+    """Poll ``condition()`` until it returns something truthy (returned); fail after
+    ``timeout_s`` with ``what`` in the message. Tests wait for states, never for fixed times."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def wait_for_capture(capture_dir: Path, request_ids: Any, timeout_s: float = 30.0) -> None:
+    """Wait until the router's capture holds a record of every one of ``request_ids``."""
+    from cifar_assets.serving.capture import read_capture
+
+    wanted = set(request_ids)
+    wait_until(
+        lambda: wanted <= set(read_capture(capture_dir)["request_id"]),
+        f"{len(wanted)} requests in the capture under {capture_dir}",
+        timeout_s,
+        interval_s=0.25,
+    )

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 import dagster as dg
@@ -32,6 +31,7 @@ from cifar_assets.serving import repository
 from cifar_assets.serving.capture import record_feedback
 from cifar_assets.serving.client import infer, infer_ab
 from cifar_assets.serving.rollout import Rollout
+from tests.conftest import wait_for_capture
 from tests.serving_fixtures import ServingEnv
 
 
@@ -90,7 +90,7 @@ def test_ab_report_decides_and_promotion_applies_everywhere(
         served = [
             infer_ab(images, user_id=f"ab-user-{i}", url=triton_server.http_url) for i in range(300)
         ]
-        time.sleep(2.5)  # the router flushes its capture at least once a second
+        wait_for_capture(triton_server.capture_dir, [result.request_id for result in served])
         for result in served:
             predicted = int(np.argmax(result.logits[0]))
             label = predicted if result.served_version == 2 else (predicted + 1) % 10

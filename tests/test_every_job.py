@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import PROJECT_ROOT, subprocess_env, whole_state
+from tests.conftest import PROJECT_ROOT, subprocess_env, wait_for_capture, whole_state
 from tests.serving_fixtures import copy_repository, free_ports
 
 SMALL_RECIPE = {
@@ -248,9 +247,10 @@ def run_every_job(env: dict[str, str], tmp_path: Path) -> None:
     from cifar_assets.serving.client import infer_ab
 
     url = TritonConfig.from_settings().http_url
-    for user in range(60):
-        infer_ab(batch.images[user : user + 1], user_id=f"u{user}", url=url)
-    time.sleep(2)  # the router writes its capture within a second
+    answers = [
+        infer_ab(batch.images[user : user + 1], user_id=f"u{user}", url=url) for user in range(60)
+    ]
+    wait_for_capture(settings.capture_dir, [answer.request_id for answer in answers])
     # rollout_job: the A/B report as rollout_sensor launches it (no staged rollout runs here,
     # so it reports and moves nothing).
     execute(env, "rollout_job")

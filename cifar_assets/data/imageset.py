@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cifar_assets.fileio import replace_atomic
+
 CLASSES: tuple[str, ...] = (
     "airplane",
     "automobile",
@@ -149,10 +151,7 @@ def check_arrays(images: np.ndarray, labels: np.ndarray, where: str) -> None:
 
 def save_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
     """Write arrays atomically: a failed write never leaves a half-written file in place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **dict(arrays))
-    tmp.replace(path)
+    replace_atomic(path, lambda tmp: np.savez(tmp, **dict(arrays)))
 
 
 def load_npz(path: Path) -> dict[str, np.ndarray]:

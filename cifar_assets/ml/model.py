@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from cifar_assets.fileio import replace_atomic, write_text_atomic
+
 if TYPE_CHECKING:
     import torch
 
@@ -62,10 +64,8 @@ def save_model(model: torch.nn.Module, architecture: Architecture, directory: Pa
 
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = directory / (WEIGHTS_FILE + ".tmp")
-    save_file(state, str(tmp))
-    tmp.replace(directory / WEIGHTS_FILE)
-    (directory / ARCH_FILE).write_text(json.dumps(asdict(architecture), indent=2) + "\n")
+    replace_atomic(directory / WEIGHTS_FILE, lambda path: save_file(state, str(path)))
+    write_text_atomic(directory / ARCH_FILE, json.dumps(asdict(architecture), indent=2) + "\n")
     return directory / WEIGHTS_FILE
 
 

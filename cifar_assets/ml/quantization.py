@@ -22,6 +22,7 @@ from typing import Literal
 
 import numpy as np
 
+from cifar_assets.fileio import replace_atomic
 from cifar_assets.ml.onnx_export import INPUT_NAME
 
 CALIBRATION_BATCH = 32
@@ -84,19 +85,22 @@ def quantize_int8(
     with tempfile.TemporaryDirectory(prefix="quantize-") as scratch:
         preprocessed = Path(scratch) / "preprocessed.onnx"
         quant_pre_process(str(fp32_path), str(preprocessed))
-        tmp = int8_path.with_name(int8_path.name + ".tmp")
-        quantize_static(
-            model_input=str(preprocessed),
-            model_output=str(tmp),
-            calibration_data_reader=_CalibrationReader(calibration_images[:MAX_CALIBRATION_IMAGES]),
-            quant_format=QuantFormat.QDQ,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            per_channel=True,
-            reduce_range=True,
-            calibrate_method=methods[method],
+        replace_atomic(
+            int8_path,
+            lambda tmp: quantize_static(
+                model_input=str(preprocessed),
+                model_output=str(tmp),
+                calibration_data_reader=_CalibrationReader(
+                    calibration_images[:MAX_CALIBRATION_IMAGES]
+                ),
+                quant_format=QuantFormat.QDQ,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                per_channel=True,
+                reduce_range=True,
+                calibrate_method=methods[method],
+            ),
         )
-        tmp.replace(int8_path)
     return int8_path
 
 

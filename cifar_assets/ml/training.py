@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from cifar_assets.data.imageset import ImageSet
+from cifar_assets.fileio import replace_atomic
 from cifar_assets.ml.model import CIFAR_MEAN, CIFAR_STD, Architecture
 from cifar_assets.progress import progress_bar
 
@@ -604,10 +605,10 @@ def _write_checkpoint(path: Path, checkpoint: dict[str, Any]) -> None:
 
     import torch
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as handle:
-        torch.save(checkpoint, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as handle:
+            torch.save(checkpoint, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    replace_atomic(path, write)
