@@ -35,7 +35,7 @@ class TrainedModel:
 class ModelEvaluation:
     mlflow_run_id: str
     metrics: dict[str, float]
-    champion_version: str | None = None
+    champion_version: int | None = None
     champion_metrics: dict[str, float] | None = None
 
 
@@ -69,7 +69,7 @@ class TritonDeployment:
 @dataclass(frozen=True)
 class DriftBaselineRef:
     path: str
-    model_version: str
+    model_version: int
     model_dir: str
 
 
@@ -79,7 +79,7 @@ class DriftVerdict:
     drift: bool
     score: float
     labelled: bool
-    model_version: str
+    model_version: int
     details: dict[str, Any] = field(default_factory=dict)
 
 

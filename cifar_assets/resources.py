@@ -15,6 +15,8 @@ import dagster as dg
 from cifar_assets.settings import get_settings
 
 if TYPE_CHECKING:
+    from cifar_assets.serving.launcher import TritonConfig
+    from cifar_assets.serving.rollout import Rollout
     from cifar_assets.storage import AssetStore
 
 
@@ -131,7 +133,7 @@ class TritonResource(dg.ConfigurableResource):
     model_repository: str = ""
     start_if_down: bool = True
 
-    def server_config(self) -> Any:
+    def server_config(self) -> TritonConfig:
         from cifar_assets.serving.launcher import TritonConfig
 
         overrides: dict[str, Any] = {
@@ -148,7 +150,7 @@ class TritonResource(dg.ConfigurableResource):
             overrides["repo"] = Path(self.model_repository)
         return TritonConfig.from_settings(**overrides)
 
-    def ensure_running(self, log: Any) -> Any:
+    def ensure_running(self, log: Any) -> _RunningServer:
         """A running server for this config, started here when it is down and allowed to."""
         from cifar_assets.serving.launcher import TritonServer, server_status
 
@@ -178,11 +180,11 @@ class TritonResource(dg.ConfigurableResource):
 
 
 class _RunningServer:
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: TritonConfig) -> None:
         self.config = config
 
 
-def rollout_for(mlflow: MLflowResource, server_config: Any) -> Any:
+def rollout_for(mlflow: MLflowResource, server_config: TritonConfig) -> Rollout:
     """The lifecycle owner (cifar_assets.serving.rollout.Rollout) for this registry and server."""
     from cifar_assets.serving.rollout import Rollout
 

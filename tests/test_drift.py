@@ -121,7 +121,7 @@ def baseline(reference: Outputs) -> DriftBaseline:
         reference.embeddings,
         reference.probabilities,
         reference.features,
-        model_version="7",
+        model_version=7,
         p_val=P_VAL,
         n_permutations=100,
     )
@@ -254,7 +254,7 @@ def test_accuracy_drop_is_found(reference: Outputs, pool: Outputs) -> None:
         reference.probabilities,
         reference.features,
         labels=planted_labels(reference.probabilities, 0.85, seed=1),
-        model_version="7",
+        model_version=7,
         p_val=P_VAL,
     )
     assert labelled_baseline.reference_accuracy == pytest.approx(0.85)
@@ -285,16 +285,16 @@ def test_baseline_round_trip_gives_the_same_results(
     corrupted: dict[tuple[str, int], Outputs],
 ) -> None:
     baseline.save(tmp_path / "baseline")
-    loaded = DriftBaseline.load(tmp_path / "baseline", expected_model_version="7")
+    loaded = DriftBaseline.load(tmp_path / "baseline", expected_model_version=7)
 
-    assert loaded.model_version == "7"
+    assert loaded.model_version == 7
     assert loaded.reference.feature_names == baseline.reference.feature_names
     for outputs in (pool.rows(np.arange(N_BATCH)), corrupted[("jpeg", 3)].rows(np.arange(N_BATCH))):
         before, after = check(baseline, outputs).to_dict(), check(loaded, outputs).to_dict()
         assert json.dumps(after, sort_keys=True) == json.dumps(before, sort_keys=True)
 
-    with pytest.raises(BaselineVersionError, match=r"model version '7', not '8'.*drift_baseline"):
-        DriftBaseline.load(tmp_path / "baseline", expected_model_version="8")
+    with pytest.raises(BaselineVersionError, match=r"model version 7, not 8.*drift_baseline"):
+        DriftBaseline.load(tmp_path / "baseline", expected_model_version=8)
     meta_file = tmp_path / "baseline" / "baseline.json"
     meta = json.loads(meta_file.read_text())
     meta_file.write_text(json.dumps(meta | {"format_version": 99}))

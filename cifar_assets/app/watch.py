@@ -57,7 +57,7 @@ class DriftReportFile:
     drift: bool
     score: float
     images: int
-    model_version: str
+    model_version: int
     batch_accuracy: float | None
     moved_features: list[str]
     pictures: list[Path] = field(default_factory=list)
@@ -158,7 +158,7 @@ def latest_drift_reports(storage_dir: Path, limit: int = 3) -> list[DriftReportF
                 drift=bool(report["drift"]),
                 score=float(report["score"]),
                 images=int(report["n"]),
-                model_version=str(report["model_version"]),
+                model_version=int(report["model_version"]),
                 batch_accuracy=report.get("batch_accuracy"),
                 moved_features=list(report.get("moved_features", [])),
                 pictures=[p for p in (path.parent / n for n in DRIFT_PICTURES) if p.is_file()],

@@ -65,7 +65,7 @@ def drift_baseline(
         predict_proba(model, reference.images, log=context.log.info),
         features,
         reference.labels,
-        model_version=str(registered_model.version),
+        model_version=registered_model.version,
         p_val=config.p_val,
         n_permutations=config.n_permutations,
     )
@@ -76,7 +76,7 @@ def drift_baseline(
         {"model_version": registered_model.version, "model_dir": trained_model.model_dir},
     )
     return versioned_output(
-        DriftBaselineRef(str(directory), str(registered_model.version), trained_model.model_dir),
+        DriftBaselineRef(str(directory), registered_model.version, trained_model.model_dir),
         metadata={
             "path": dg.MetadataValue.path(str(directory)),
             "model_version": registered_model.version,
@@ -157,7 +157,7 @@ def drift_report(
         "detectors": table(pd.DataFrame(check.detector_rows())),
         "batch_accuracy": report.batch_accuracy if report.batch_accuracy is not None else -1.0,
         "labelled": check.labelled,
-        "model_version": int(report.model_version),
+        "model_version": report.model_version,
         "drift_overview": image(check.overview_png, "drift overview"),
         "mlflow_run": dg.MetadataValue.url(tracking.run_url(mlflow.uri(), check.mlflow_run_id)),
     }

@@ -4,7 +4,7 @@ and the check that serving follows the registry. Every move of aliases and traff
 :mod:`cifar_assets.serving.rollout`."""
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import dagster as dg
 from pydantic import Field
@@ -103,7 +103,9 @@ def triton_deployment(
         server.config.repo, onnx_path, version, {"onnx": str(onnx_path), "precision": precision}
     )
     images = cifar10_splits.test.images[: config.check_images]
-    role = "champion" if registered_model.is_champion else "challenger"
+    role: Literal["champion", "challenger"] = (
+        "champion" if registered_model.is_champion else "challenger"
+    )
     transition = rollout.deploy(
         version,
         role,

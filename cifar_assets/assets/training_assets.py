@@ -162,13 +162,13 @@ def model_evaluation(
     }
     champion = result.champion_evaluation
     if champion is not None:
-        metadata["champion_version"] = str(result.champion_version)
+        metadata["champion_version"] = result.champion_version or 0
         metadata["vs_champion"] = table(pd.DataFrame(result.vs_champion_rows()))
     return versioned_output(
         ModelEvaluation(
             mlflow_run_id=run_id,
             metrics=metrics,
-            champion_version=str(result.champion_version) if champion is not None else None,
+            champion_version=result.champion_version if champion is not None else None,
             champion_metrics=champion.scalars() if champion is not None else None,
         ),
         metadata=metadata,

@@ -67,7 +67,7 @@ class ReferenceSummary:
 
 @dataclass
 class DriftBaseline:
-    model_version: str
+    model_version: int
     p_val: float
     reference: ReferenceSummary
     mmd: EmbeddingMMDDetector
@@ -101,18 +101,22 @@ class DriftBaseline:
         write_text_atomic(directory / BASELINE_FILE, json.dumps(summary, indent=2) + "\n")
 
     @classmethod
-    def load(cls, directory: Path, expected_model_version: str | None = None) -> DriftBaseline:
+    def load(cls, directory: Path, expected_model_version: int | None = None) -> DriftBaseline:
         """Read a saved baseline; with ``expected_model_version``, refuse one of another model."""
         meta = read_baseline_metadata(directory)
-        if expected_model_version is not None and meta["model_version"] != expected_model_version:
+        # baselines written before versions were ints hold "7": read either
+        if (
+            expected_model_version is not None
+            and int(meta["model_version"]) != expected_model_version
+        ):
             raise BaselineVersionError(
                 f"The drift baseline in {directory} belongs to model version "
-                f"{meta['model_version']!r}, not {expected_model_version!r}; fit a baseline for "
-                f"model version {expected_model_version!r} (re-materialize drift_baseline)."
+                f"{meta['model_version']}, not {expected_model_version}; fit a baseline for "
+                f"model version {expected_model_version} (re-materialize drift_baseline)."
             )
         reference = meta["reference"]
         return cls(
-            model_version=meta["model_version"],
+            model_version=int(meta["model_version"]),
             p_val=float(meta["p_val"]),
             reference=ReferenceSummary(
                 n=int(reference["n"]),
@@ -182,7 +186,7 @@ def fit_baseline(
     features: pd.DataFrame,
     labels: np.ndarray | None = None,
     *,
-    model_version: str,
+    model_version: int,
     p_val: float = 0.05,
     n_permutations: int = 100,
     projection_dim: int = 32,
@@ -208,7 +212,7 @@ def fit_baseline(
     level = p_val / DATA_DETECTORS
     feature_detector = FeatureKSDetector(level, correction=feature_correction).fit(features)
     return DriftBaseline(
-        model_version=str(model_version),
+        model_version=int(model_version),
         p_val=float(p_val),
         reference=ReferenceSummary(
             n=n,

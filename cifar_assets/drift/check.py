@@ -79,7 +79,7 @@ def check_incoming_batch(
         )
     directory = baseline_dir(storage_dir, champion)
     try:
-        baseline = DriftBaseline.load(directory, expected_model_version=str(champion))
+        baseline = DriftBaseline.load(directory, expected_model_version=champion)
         model_dir = json.loads((directory / MODEL_FILE).read_text())["model_dir"]
     except (FileNotFoundError, BaselineVersionError) as error:
         raise NoDetectorsError(

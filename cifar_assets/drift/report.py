@@ -88,7 +88,7 @@ def compare_accuracy(
 
 @dataclass(frozen=True)
 class DriftReport:
-    model_version: str
+    model_version: int
     n: int
     results: list[DetectorResult]
     data_drift: bool
