@@ -15,18 +15,22 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
+import string
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from functools import cache
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = Path(__file__).resolve().parent
+TEMPLATE_DIR = BENCH_DIR / "templates"
 PYTHON = PROJECT_ROOT / ".venv" / "bin" / "python"
 # The figures are taken on a 2-core machine; every torch/ORT computation is pinned to this count
 # so that a run on a bigger machine measures the same thing unless asked otherwise.
@@ -221,6 +225,102 @@ def fmt(value: float | None, digits: int = 1) -> str:
     if value is None or value != value:  # None or NaN
         return "-"
     return f"{value:,.{digits}f}"
+
+
+# The report's prose: Markdown templates with named blocks and string.Template placeholders.
+
+_BLOCK_MARKER = re.compile(r"<!-- block: (\w+) -->")
+_ALONE = re.compile(r"\$\{(\w+)\}")
+
+
+@cache
+def _blocks(name: str) -> dict[str, tuple[str, ...]]:
+    blocks: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for number, line in enumerate((TEMPLATE_DIR / f"{name}.md").read_text().splitlines(), 1):
+        marker = _BLOCK_MARKER.fullmatch(line)
+        if marker:
+            current = blocks.setdefault(marker[1], [])
+            continue
+        if current is None:
+            if line.strip():
+                raise ValueError(f"templates/{name}.md:{number}: text before the first block")
+            continue
+        current.append(line)
+    for lines in blocks.values():
+        while lines and not lines[-1]:  # the blank lines before the next marker separate blocks
+            lines.pop()
+    return {block: tuple(lines) for block, lines in blocks.items()}
+
+
+class Template:
+    """The prose of one part of the report: ``benchmarks/templates/<name>.md``.
+
+    The file is a run of blocks, each opened by a line ``<!-- block: NAME -->`` and running to
+    the next one (the blank lines before that marker left out). A block's lines are the report's
+    lines, with ``string.Template`` placeholders (``${name}``; ``$$`` is a dollar sign) for what
+    Python computes. A placeholder standing alone on its line may be given a list of lines (a
+    table, a list, another block): they replace that line, and an empty list removes it together
+    with the blank line after it, so a part that was not measured leaves no gap. Any other
+    placeholder takes a string. Every placeholder must be given a value and every value used.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.blocks = _blocks(name)
+
+    def lines(self, block: str, /, **values: str | list[str]) -> list[str]:
+        """The block's lines, its placeholders filled in."""
+        where = f"templates/{self.name}.md, block {block}"
+        if block not in self.blocks:
+            raise KeyError(f"templates/{self.name}.md has no block {block!r}")
+        texts = {key: value for key, value in values.items() if isinstance(value, str)}
+        used: set[str] = set()
+        out: list[str] = []
+        drop_blank = False
+        for line in self.blocks[block]:
+            if drop_blank and not line:
+                drop_blank = False
+                continue
+            drop_blank = False
+            alone = _ALONE.fullmatch(line)
+            if alone and isinstance(values.get(alone[1]), list):
+                inserted = values[alone[1]]
+                out += inserted
+                used.add(alone[1])
+                drop_blank = not inserted
+                continue
+            text = string.Template(line)
+            names = set(text.get_identifiers())
+            lists = sorted(n for n in names if n in values and n not in texts)
+            if lists:
+                raise TypeError(f"{where}: {lists} take lines but stand inside a line")
+            try:
+                out.append(text.substitute(texts))
+            except KeyError as missing:
+                raise KeyError(f"{where}: no value for ${{{missing.args[0]}}}") from None
+            used |= names
+        unused = sorted(set(values) - used)
+        if unused:
+            raise KeyError(f"{where}: no placeholder for {unused}")
+        return out
+
+    def text(self, block: str, /, **values: str | list[str]) -> str:
+        """A one-line block as a string, to go inside another block's line."""
+        lines = self.lines(block, **values)
+        if len(lines) != 1:
+            raise ValueError(f"templates/{self.name}.md, block {block}: {len(lines)} lines, not 1")
+        return lines[0]
+
+
+def blocks_apart(blocks: Sequence[list[str]]) -> list[str]:
+    """The blocks one after the other, a blank line between each two."""
+    lines: list[str] = []
+    for block in blocks:
+        if lines:
+            lines.append("")
+        lines += block
+    return lines
 
 
 def section_facts(section: dict[str, Any]) -> list[str]:
