@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from common import THREADS, Goal, fmt, log, main, median, section_facts, table
+from common import THREADS, Goal, Template, fmt, log, main, median, section_facts, table
 
 STEM: Literal["imagenet"] = "imagenet"
 P_VAL = 0.05
@@ -233,8 +233,9 @@ def _firing(cell: dict[str, Any], threshold: float) -> str:
     return ", ".join(f"{label} {count}" for label, count in counts.items())
 
 
-def drift_notes(section: dict[str, Any], threshold: float) -> list[str]:
-    """Which detector carries the verdict, counted over the smallest batch size's cells."""
+def _fired(section: dict[str, Any], threshold: float) -> tuple[str, int, dict[str, int]]:
+    """Which detector carries the verdict, counted over the smallest batch size's cells: that
+    size, its trials, and the trials in which each detector fired."""
     first = str(section["parameters"]["batch_sizes"][0])
     cells = [cell for by_severity in section["detection"].values() for cell in by_severity.values()]
     first_cells = [cell[first] for cell in cells]
@@ -245,16 +246,7 @@ def drift_notes(section: dict[str, Any], threshold: float) -> list[str]:
         )
         for name, label in DETECTOR_NAMES.items()
     }
-    return [
-        f"At n = {first}, over all {trials} detection trials: "
-        + ", ".join(f"{label} fired in {count}" for label, count in fired.items())
-        + ". The images are synthetic renderings (smooth shapes on smooth backgrounds), on "
-        "which noise, blur, pixelation and JPEG move pixel statistics far more than on "
-        "photographs, so expect lower detection rates, mild severities especially, on real "
-        "CIFAR-10. The embeddings come from an untrained network (as in tests/test_drift.py); a "
-        "trained one may react differently.",
-        "",
-    ]
+    return first, trials, fired
 
 
 def _trials_per_size(section: dict[str, Any]) -> dict[str, int]:
@@ -265,6 +257,7 @@ def _trials_per_size(section: dict[str, Any]) -> dict[str, int]:
 
 
 def render(section: dict[str, Any], sections: dict[str, Any]) -> list[str]:
+    template = Template("drift")
     parameters = section["parameters"]
     sizes = [str(size) for size in parameters["batch_sizes"]]
     threshold = parameters["p_val"] / 3
@@ -285,25 +278,25 @@ def render(section: dict[str, Any], sections: dict[str, Any]) -> list[str]:
         for size, figures in section["check_seconds"].items()
         if figures["n"]
     ]
-    return [
-        "## 4. Drift detection: detection rate, false alarms, time per check",
-        "",
-        f"Detectors of `fit_baseline(..., p_val={parameters['p_val']})` (MMD on embeddings, KS "
-        "on softmax outputs, KS per feature; each at p_val/3) and the verdict of "
-        f"`check_batch`. Model: {parameters['model']}, {parameters['stem']} stem. Reference: "
-        f"{parameters['reference_images']:,} clean synthetic images (the drift_baseline "
-        "asset's default is 1,000). Corrupted pools: the same "
-        f"{parameters['corrupted_pool_images']:,} other clean images through "
-        "`corrupt(images, name, severity)`; trials are disjoint batches of the pool ("
-        + ", ".join(f"{count} at n = {n}" for n, count in _trials_per_size(section).items())
-        + "). Embeddings, probabilities (one forward pass) and features were computed once per "
-        f"image: {section['embedded_images']:,} images in all, the clean ones in "
-        f"{section['clean_pool_seconds']:.0f} s; all detection trials, their embedding "
-        f"included, took {section['detection_seconds']:.0f} s.",
-        "",
-        "Detection rate (share of batches with `drift=True`):",
-        "",
-        *table(
+    first, trials, fired = _fired(section, threshold)
+    batches_per_image = (
+        fp["trials"] * parameters["no_drift_batch_size"] / parameters["clean_pool_images"]
+    )
+    return template.lines(
+        "section",
+        p_val=str(parameters["p_val"]),
+        model=parameters["model"],
+        stem=parameters["stem"],
+        reference_images=f"{parameters['reference_images']:,}",
+        corrupted_pool_images=f"{parameters['corrupted_pool_images']:,}",
+        trials_per_size=", ".join(
+            template.text("trials_at_size", count=str(count), size=size)
+            for size, count in _trials_per_size(section).items()
+        ),
+        embedded_images=f"{section['embedded_images']:,}",
+        clean_pool_seconds=f"{section['clean_pool_seconds']:.0f}",
+        detection_seconds=f"{section['detection_seconds']:.0f}",
+        detection_table=table(
             [
                 "corruption",
                 "severity",
@@ -312,38 +305,30 @@ def render(section: dict[str, Any], sections: dict[str, Any]) -> list[str]:
             ],
             rows,
         ),
-        "",
-        *drift_notes(section, threshold),
-        f"The last column counts, per data-drift detector, the trials at n = {sizes[0]} in "
-        f"which that detector's own p-value was below its threshold (p_val/3 = "
-        f"{threshold:.4f}); the verdict "
-        "fires when any of them does. p-values per trial are in results.json.",
-        "",
-        f"False alarms: **{fp['flagged']} of {fp['trials']}** clean batches of "
-        f"{parameters['no_drift_batch_size']} flagged ({100 * fp['rate']:.0f}%; design bound: "
-        f"at most {100 * parameters['p_val']:.0f}%). The batches were drawn at random from a "
-        f"pool of {parameters['clean_pool_images']:,} clean images, so they overlap (each "
-        f"image in about {fp['trials'] * parameters['no_drift_batch_size'] / parameters['clean_pool_images']:.1f} "
-        "batches): the trials are not independent, and the rate is a rough estimate.",
-        "",
-        "Time per `check_batch` (all four detectors; the MMD permutation test is nearly all "
-        "of it):",
-        "",
-        *table(["batch size", "checks", "median s", "max s"], timing_rows),
-        "",
-        "The timings are those of the checks above; a size with fewer than "
-        f"{parameters['timing_checks_per_size']} of them was topped up with checks of random "
-        "clean batches ("
-        + (
-            ", ".join(
-                f"{v} of them flagged at n = {k}" for k, v in section["timing_check_flags"].items()
-            )
-            or "none needed"
+        first_size=first,
+        trials=str(trials),
+        fired=", ".join(
+            template.text("detector_fired", detector=label, count=str(count))
+            for label, count in fired.items()
+        ),
+        threshold=f"{threshold:.4f}",
+        fp_flagged=str(fp["flagged"]),
+        fp_trials=str(fp["trials"]),
+        fp_batch_size=str(parameters["no_drift_batch_size"]),
+        fp_percent=f"{100 * fp['rate']:.0f}",
+        p_val_percent=f"{100 * parameters['p_val']:.0f}",
+        clean_pool_images=f"{parameters['clean_pool_images']:,}",
+        batches_per_image=f"{batches_per_image:.1f}",
+        timing_table=table(["batch size", "checks", "median s", "max s"], timing_rows),
+        timing_checks_per_size=str(parameters["timing_checks_per_size"]),
+        timing_check_flags=", ".join(
+            template.text("flagged_at_size", count=str(count), size=size)
+            for size, count in section["timing_check_flags"].items()
         )
-        + f"). Fitting the baseline took {section['fit_seconds']:.1f} s including "
-        "alibi-detect's first import.",
-        *section_facts(section),
-    ]
+        or template.text("no_top_up"),
+        fit_seconds=f"{section['fit_seconds']:.1f}",
+        facts=section_facts(section),
+    )
 
 
 def goals(section: dict[str, Any]) -> list[Goal]:

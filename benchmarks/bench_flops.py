@@ -16,6 +16,7 @@ from typing import Any
 from common import (
     THREADS,
     Goal,
+    Template,
     fmt,
     interleave,
     log,
@@ -148,67 +149,52 @@ def utilisation(sections: dict[str, Any]) -> list[tuple[str, float, float, float
 
 
 def render(section: dict[str, Any], sections: dict[str, Any]) -> list[str]:
+    template = Template("flops")
     flops = section["forward_flops_per_image"]
     rates = section["matmul_flops_per_s"]
-    lines = [
-        "## 6. FLOPs and the share of the machine's peak",
-        "",
-        "FLOPs counted with `torch.utils.flop_counter.FlopCounterMode` on one forward pass "
-        "(multiply-add = 2 FLOPs; convolutions and the final linear layer). Training is taken "
-        "as 3x forward.",
-        "",
-        *table(
+    machine = section["machine"]
+    zen3_scale = ""
+    if (
+        machine.get("cpu_mhz")
+        and machine["cpu_model"].startswith("AMD EPYC")
+        and "avx512f" not in machine["simd_flags"]
+    ):
+        # Zen 3: two 256-bit FMAs per cycle per core, 32 fp32 FLOP per cycle.
+        zen3_scale = template.text(
+            "zen3_scale",
+            cores=str(machine["usable_cpus"]),
+            ghz=f"{machine['cpu_mhz'] / 1000:.2f}",
+            gflops=f"{32 * machine['usable_cpus'] * machine['cpu_mhz'] / 1000:.0f}",
+        )
+    rows = utilisation(sections)
+    return template.lines(
+        "section",
+        flops_table=table(
             ["model", "forward FLOPs / image", "training FLOPs / image (3x)"],
             [
                 (f"ResNet18, {stem} stem, 32x32", f"{v / 1e6:,.1f} M", f"{3 * v / 1e6:,.1f} M")
                 for stem, v in flops.items()
             ],
         ),
-        "",
-        f"Peak: fp32 matmul {section['parameters']['matmul_size']}x"
-        f"{section['parameters']['matmul_size']} in torch on {section['parameters']['threads']} "
-        f"threads, {len(rates)} repeats: median **{section['peak_flops_per_s'] / 1e9:.1f} "
-        f"GFLOP/s** (best {section['best_flops_per_s'] / 1e9:.1f}, worst "
-        f"{min(rates) / 1e9:.1f}). The same product through ONNX Runtime's MatMul, "
-        f"alternating with it: median {section['ort_matmul_median_flops_per_s'] / 1e9:.1f} "
-        "GFLOP/s."
-        + (
-            f" For scale, Zen 3 issues two 256-bit FMAs per cycle per core (32 fp32 FLOP per "
-            f"cycle), so {section['machine']['usable_cpus']} cores at the "
-            f"{section['machine']['cpu_mhz'] / 1000:.2f} GHz that /proc/cpuinfo reports make "
-            f"{32 * section['machine']['usable_cpus'] * section['machine']['cpu_mhz'] / 1000:.0f}"
-            " GFLOP/s, more at boost clock."
-            if section["machine"].get("cpu_mhz")
-            and section["machine"]["cpu_model"].startswith("AMD EPYC")
-            and "avx512f" not in section["machine"]["simd_flags"]
-            else ""
-        ),
-        "",
-    ]
-    rows = utilisation(sections)
-    if rows:
-        lines += [
-            "Achieved FLOP/s of the throughputs measured in the other sections (images/s x FLOPs "
-            "per image), as a share of that peak:",
-            "",
-            *table(
+        matmul_size=str(section["parameters"]["matmul_size"]),
+        threads=str(section["parameters"]["threads"]),
+        repeats=str(len(rates)),
+        peak=f"{section['peak_flops_per_s'] / 1e9:.1f}",
+        best=f"{section['best_flops_per_s'] / 1e9:.1f}",
+        worst=f"{min(rates) / 1e9:.1f}",
+        ort_peak=f"{section['ort_matmul_median_flops_per_s'] / 1e9:.1f}",
+        zen3_scale=zen3_scale,
+        utilisation=template.lines(
+            "utilisation",
+            table=table(
                 ["workload", "images/s", "achieved GFLOP/s", "share of peak"],
                 [(w, fmt(r), fmt(a / 1e9, 2), f"{100 * s:.0f}%") for w, r, a, s in rows],
             ),
-            "",
-            "The peak is a library's figure on one workload, and it drifts with the host: "
-            "spot checks during development measured the same torch product at 79 and 115 "
-            "GFLOP/s twenty minutes apart, so read these shares as rough (+-30%), and only "
-            "between rows measured close in time. "
-            "Small 32x32 convolutions (the ImageNet stem shrinks the map to 8x8 after its first "
-            "two layers, and its last stage runs on 1x1 maps where 8 of the 9 taps of each 3x3 "
-            "kernel read zero padding that the count still includes) are a different workload "
-            "from one large product: ONNX Runtime's own convolution kernels can beat torch's "
-            "matmul, so a share above 100% means a better kernel, not an error. INT8 rows count "
-            "the FP32 model's FLOPs: their share says how far integer math moved past the fp32 "
-            "limit.",
-        ]
-    return lines + section_facts(section)
+        )
+        if rows
+        else [],
+        facts=section_facts(section),
+    )
 
 
 def goals(section: dict[str, Any]) -> list[Goal]:

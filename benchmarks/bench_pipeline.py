@@ -29,7 +29,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import PROJECT_ROOT, PYTHON, Goal, fmt, log, main, median, section_facts, table
+from common import (
+    PROJECT_ROOT,
+    PYTHON,
+    Goal,
+    Template,
+    fmt,
+    log,
+    main,
+    median,
+    section_facts,
+    table,
+)
 
 IMPORT_PROCESSES = 5
 STATE_VARIABLES = (
@@ -289,6 +300,7 @@ def _stop_triton(env: dict[str, str]) -> bool:
 
 
 def render(section: dict[str, Any], sections: dict[str, Any]) -> list[str]:
+    template = Template("pipeline")
     job, imports = section["job"], section["import"]
     rows = [
         (
@@ -302,33 +314,20 @@ def render(section: dict[str, Any], sections: dict[str, Any]) -> list[str]:
         for step, s in sorted(section["steps"].items(), key=lambda item: item[1]["launch_start"])
     ]
     overhead = job["dagster_overhead_s"]
-    return [
-        f"## 5. Pipeline: {section['parameters']['job']} end to end",
-        "",
-        f"`{section['parameters']['command']}` in a subprocess with a temporary CIFAR_VAR_DIR, "
-        "DAGSTER_HOME (configs/dagster.yaml), TRITON_MODEL_REPOSITORY (a copy of triton_repo/ "
-        "without version folders) and free Triton ports; afterwards "
-        "`stop_server(TritonConfig.from_settings())` with that environment "
-        + (
-            "stopped the tritonserver the job had started."
-            if job["triton_stopped_after"]
-            else "found no tritonserver to stop."
-        ),
-        "",
-        *(
-            [
-                f"**The job failed (exit code {job['exit_code']}); the figures cover it up to "
-                "the failure.** End of its output:",
-                "",
-                "```",
-                *job["error"].splitlines()[-25:],
-                "```",
-                "",
-            ]
-            if job["error"]
-            else []
-        ),
-        *table(
+    failure = []
+    if job["error"]:
+        failure = template.lines(
+            "failure",
+            exit_code=str(job["exit_code"]),
+            error=job["error"].splitlines()[-25:],
+        )
+    return template.lines(
+        "section",
+        job=section["parameters"]["job"],
+        command=section["parameters"]["command"],
+        triton_stop=template.text("triton_stopped" if job["triton_stopped_after"] else "no_triton"),
+        failure=failure,
+        overview_table=table(
             ["", "seconds"],
             [
                 ("`dagster job execute` process, wall", fmt(job["cli_wall_s"])),
@@ -358,27 +357,16 @@ def render(section: dict[str, Any], sections: dict[str, Any]) -> list[str]:
                 ("  whole `python -c` process (median)", fmt(imports["median_process_s"], 2)),
             ],
         ),
-        "",
-        f"Run {job['run_id'][:8]}: {job['status']}; at most {job['steps_in_parallel_max']} "
-        "steps were alive at once. Per step (seconds; in launch order):",
-        "",
-        *table(
+        run_id=job["run_id"][:8],
+        status=job["status"],
+        steps_in_parallel=str(job["steps_in_parallel_max"]),
+        steps_table=table(
             ["step", "launch", "load inputs", "body", "store + finish", "total"],
             rows,
         ),
-        "",
-        "How it is measured: every Dagster event carries a timestamp. Launch = "
-        "STEP_WORKER_STARTING -> STEP_START; the body starts at the last of STEP_START / "
-        "LOADED_INPUT / STEP_INPUT and ends at the step's first STEP_OUTPUT, "
-        "ASSET_MATERIALIZATION or ASSET_CHECK_EVALUATION event (the asset function has returned "
-        "or yielded by then); store + finish runs to STEP_SUCCESS. Body intervals of steps that "
-        "ran at the same time are merged before subtracting, so overlapping work is not counted "
-        "twice; for the same reason the launch and IO sums may add up to more than the "
-        "overhead (one step's launch can overlap another's body). Import times per process: "
-        + ", ".join(f"{f['import_s']:.2f}" for f in imports["runs"])
-        + " s.",
-        *section_facts(section),
-    ]
+        import_seconds=", ".join(f"{f['import_s']:.2f}" for f in imports["runs"]),
+        facts=section_facts(section),
+    )
 
 
 def goals(section: dict[str, Any]) -> list[Goal]:

@@ -20,7 +20,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import THREADS, Goal, fmt, interleave, log, main, median, section_facts, table
+from common import (
+    THREADS,
+    Goal,
+    Template,
+    fmt,
+    interleave,
+    log,
+    main,
+    median,
+    section_facts,
+    table,
+)
 
 BATCH_SIZE = 64
 LEARNING_RATE = 0.1  # the quickstart's rate for batch 64
@@ -201,6 +212,7 @@ def run(quick: bool) -> dict[str, Any]:
 
 
 def render(section: dict[str, Any], sections: dict[str, Any]) -> list[str]:
+    template = Template("quantization")
     parameters, accuracy = section["parameters"], section["accuracy"]
     n_test = parameters["test_images"]
     speed_rows = []
@@ -238,19 +250,18 @@ def render(section: dict[str, Any], sections: dict[str, Any]) -> list[str]:
                 f"{fp32_total / int8_total:.2f}x",
             )
         )
-    return [
-        "## 3. INT8 quantization: accuracy and speed",
-        "",
-        "Measured on the project's default model, ResNet18 with the CIFAR stem (TrainConfig's "
-        f"default), trained for {parameters['train_steps']} steps of "
-        f"{parameters['batch_size']} (lr {parameters['learning_rate']}, "
-        f"{section['training']['seconds']:.0f} s) on {parameters['train_images']:,} synthetic "
-        "images, exported with `export_onnx`, quantized with `quantize_int8` (static QDQ, "
-        f"MinMax, {parameters['calibration_images']} calibration images, "
-        f"{section['quantize_seconds']:.0f} s), scored with `compare_int8` on "
-        f"{n_test:,} held-out test images.",
-        "",
-        *table(
+    passes = accuracy["top1_agreement"] >= 0.97 and accuracy["delta_points"] >= -1
+    return template.lines(
+        "section",
+        train_steps=str(parameters["train_steps"]),
+        batch_size=str(parameters["batch_size"]),
+        learning_rate=str(parameters["learning_rate"]),
+        train_seconds=f"{section['training']['seconds']:.0f}",
+        train_images=f"{parameters['train_images']:,}",
+        calibration_images=str(parameters["calibration_images"]),
+        quantize_seconds=f"{section['quantize_seconds']:.0f}",
+        test_images=f"{n_test:,}",
+        accuracy_table=table(
             ["", "FP32", "INT8", "difference"],
             [
                 (
@@ -267,26 +278,11 @@ def render(section: dict[str, Any], sections: dict[str, Any]) -> list[str]:
                 ),
             ],
         ),
-        "",
-        f"Top-1 agreement between the two files: {100 * accuracy['top1_agreement']:.2f}% "
-        f"(one image is {100 / n_test:.3f} points on this split). The onnx_model asset keeps "
-        "an INT8 file only if it loses at most 1 point and agrees on at least 97% "
-        "(int8_max_accuracy_loss_points, int8_min_top1_agreement): this model "
-        + (
-            "passes that gate."
-            if accuracy["top1_agreement"] >= 0.97 and accuracy["delta_points"] >= -1
-            else "would be served in FP32."
-        )
-        + " A briefly trained model has close logits, so 8-bit rounding flips predictions both "
-        "ways; agreement rises as training separates the classes.",
-        "",
-        f"Speed: `benchmark_onnx(path, batch_size={parameters['batch_size']}, n_batches=N, "
-        f"warmup=2, threads={parameters['threads']}, repeats=1)`, FP32 and INT8 alternating; "
-        "medians of the runs (images over summed batch latencies). The ImageNet stem, the "
-        "quick CPU model of configs/quickstart.yaml, is untrained here: speed does not depend "
-        "on the weights.",
-        "",
-        *table(
+        agreement=f"{100 * accuracy['top1_agreement']:.2f}",
+        points_per_image=f"{100 / n_test:.3f}",
+        gate=template.text("passes_gate" if passes else "fails_gate"),
+        threads=str(parameters["threads"]),
+        speed_table=table(
             [
                 "model",
                 "batches x runs",
@@ -297,20 +293,16 @@ def render(section: dict[str, Any], sections: dict[str, Any]) -> list[str]:
             ],
             speed_rows,
         ),
-        "",
-        "Where the time goes: ONNX Runtime's profiler, convolution kernel time per batch of "
-        f"{parameters['batch_size']} summed by output resolution (median of "
-        f"{parameters['profiled_batches']} profiled batches; the profiler's own overhead makes "
-        "the totals differ a little from the speed table):",
-        "",
-        *table(["model", "output", "FP32 ms", "INT8 ms", "INT8 speed-up"], profile_rows),
-        "",
-        *_profile_findings(section["conv_ms_by_resolution"]),
-        *section_facts(section),
-    ]
+        profiled_batches=str(parameters["profiled_batches"]),
+        profile_table=table(
+            ["model", "output", "FP32 ms", "INT8 ms", "INT8 speed-up"], profile_rows
+        ),
+        findings=_profile_findings(template, section["conv_ms_by_resolution"]),
+        facts=section_facts(section),
+    )
 
 
-def _profile_findings(profiles: dict[str, Any]) -> list[str]:
+def _profile_findings(template: Template, profiles: dict[str, Any]) -> list[str]:
     """What the profile shows, read off its figures: the weakest resolution per stem and the
     share of FP32 time spent there."""
     lines = []
@@ -325,19 +317,16 @@ def _profile_findings(profiles: dict[str, Any]) -> list[str]:
         weakest = min(gains, key=lambda key: gains[key])
         best = max(gains, key=lambda key: gains[key])
         share = profile["fp32"][weakest] / sum(profile["fp32"].values())
-        lines.append(
-            f"- {stem} stem: INT8 gains {gains[best]:.2f}x at {best} and least, "
-            f"{gains[weakest]:.2f}x, at {weakest}, which holds {100 * share:.0f}% of its FP32 "
-            "convolution time."
+        lines += template.lines(
+            "finding",
+            stem=stem,
+            best_gain=f"{gains[best]:.2f}",
+            best=best,
+            weakest_gain=f"{gains[weakest]:.2f}",
+            weakest=weakest,
+            share=f"{100 * share:.0f}",
         )
-    return [
-        *lines,
-        "",
-        "On this CPU (AVX2, no AVX-512 VNNI) ONNX Runtime's FP32 convolutions are already "
-        "well blocked, and the INT8 gain depends on the layer's shape. The ImageNet stem "
-        "shrinks a 32x32 image to 8x8 before its first block, so its last stage runs at 1x1 "
-        "outputs; the CIFAR stem works at 32x32 down to 4x4.",
-    ]
+    return lines
 
 
 def goals(section: dict[str, Any]) -> list[Goal]:

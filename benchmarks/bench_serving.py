@@ -23,7 +23,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import PROJECT_ROOT, Goal, fmt, log, main, median, percentile, section_facts, table
+from common import (
+    PROJECT_ROOT,
+    Goal,
+    Template,
+    blocks_apart,
+    fmt,
+    log,
+    main,
+    median,
+    percentile,
+    section_facts,
+    table,
+)
 
 PRECISIONS = {"fp32": 1, "int8": 2}  # precision -> Triton version
 GOAL_THROUGHPUT = 0.95
@@ -257,7 +269,7 @@ def _best_throughput_ratio(section: dict[str, Any], precision: str, path: str) -
     return candidates[key], f"concurrency {key.split('/')[-1]}"
 
 
-def router_notes(cells: dict[str, Any]) -> list[str]:
+def router_notes(template: Template, cells: dict[str, Any]) -> list[str]:
     """What the router's extra hop costs a batch-1 request, in milliseconds."""
     notes = []
     for precision in PRECISIONS:
@@ -268,29 +280,22 @@ def router_notes(cells: dict[str, Any]) -> list[str]:
             )
             if not router or not plain:
                 continue
-            notes.append(
-                f"- {precision.upper()}, {direct.upper() if direct == 'http' else 'gRPC'}, "
-                f"batch 1: the router adds {router['p50_ms'] - plain['p50_ms']:.2f} ms at p50 "
-                f"({plain['p50_ms']:.2f} -> {router['p50_ms']:.2f} ms) and "
-                f"{router['server_cpu_ms_per_request'] - plain['server_cpu_ms_per_request']:.2f} "
-                "ms of server CPU per request."
+            cpu_added = router["server_cpu_ms_per_request"] - plain["server_cpu_ms_per_request"]
+            notes += template.lines(
+                "router_note",
+                precision=precision.upper(),
+                protocol=direct.upper() if direct == "http" else "gRPC",
+                p50_added=f"{router['p50_ms'] - plain['p50_ms']:.2f}",
+                direct_p50=f"{plain['p50_ms']:.2f}",
+                router_p50=f"{router['p50_ms']:.2f}",
+                cpu_added=f"{cpu_added:.2f}",
             )
     if not notes:
         return []
-    return [
-        "",
-        "What routing costs a batch-1 request. The router runs in its default mode, "
-        "`execution: inprocess`: it picks the version and runs that version's ONNX model "
-        "itself, so there is no second python-backend hop (the `bls` mode, which forwards "
-        "with a BLS call, added 1.4-1.8x at p50 here). On 2 shared cores a single cell's p50 "
-        "moves by 10-30% from run to run, so one run cannot settle a 10% goal; "
-        "`cifar_assets/serving/README.md` has side-by-side measurements of both modes:",
-        "",
-        *notes,
-    ]
+    return template.lines("router_notes", notes=notes)
 
 
-def _batch32_cost(cells: dict[str, Any]) -> list[str]:
+def _batch32_cost(template: Template, cells: dict[str, Any]) -> list[str]:
     """Triton's own cost per batch-32 request: the server's CPU per request at concurrency 1
     against direct ONNX Runtime's p50 for the same batch (one thread each)."""
     parts = []
@@ -303,8 +308,13 @@ def _batch32_cost(cells: dict[str, Any]) -> list[str]:
         ]
         if direct and served:
             parts.append(
-                f"{precision.upper()} {min(served):.1f}-{max(served):.1f} ms against "
-                f"{direct['p50_ms']:.1f} ms"
+                template.text(
+                    "batch32_part",
+                    precision=precision.upper(),
+                    served_low=f"{min(served):.1f}",
+                    served_high=f"{max(served):.1f}",
+                    direct=f"{direct['p50_ms']:.1f}",
+                )
             )
     if not parts:
         return []
@@ -313,92 +323,19 @@ def _batch32_cost(cells: dict[str, Any]) -> list[str]:
         for key in cells
         if key.endswith("/32/1") and "tritonserver_cpu_ms_per_request" in cells[key]
     ]
-    return [
-        "What a batch-32 request costs the server beyond the model: the CPU of tritonserver "
-        "and its stubs per request at concurrency 1 (HTTP, gRPC) against direct ONNX "
-        f"Runtime's p50 for the same batch: {'; '.join(parts)}. Of that, tritonserver's own "
-        f"process (HTTP/gRPC, scheduler, the python backend's side) took {min(own):.1f}-"
-        f"{max(own):.1f} ms; the rest is the stub, which is ONNX Runtime plus about half a "
-        "millisecond of python. CPU time also grows under other users' load (shared caches "
-        "and memory bandwidth), so it is compared within one run only.",
-        "",
-        *SPEED_NOTES,
-        "",
-    ]
-
-
-# What was tried to close the gap, with the measurements behind it (2 shared cores; each
-# figure's command is named).
-SPEED_NOTES = [
-    "Where the time goes, and what was tried (issue 13):",
-    "",
-    "- Normalisation in the graph. `write_version` derives `model_serving.onnx` from "
-    "`model.onnx` (`cifar_assets.ml.onnx_export.add_uint8_input`: Transpose on the uint8 "
-    "bytes, Cast, Div 255, Sub mean, Div std, then one Concat with the float input), and the "
-    "classifier and the router run only that session: a dynamic batch of uint8 and float "
-    "requests is one ONNX Runtime call. Its logits equal the numpy path's bit for bit "
-    "(`tests/test_onnx.py::test_uint8_graph_answers_as_numpy_normalisation_does`, FP32 and "
-    "INT8). What it saves is numpy's normalisation, 0.74-0.84 ms per batch of 32 measured in "
-    "process; ONNX Runtime's own preprocessing costs part of that back (graph against "
-    "numpy + ORT, batch 32, one thread: FP32 29.5 against 29.3 ms, INT8 18.9 against 18.5 "
-    "ms, same run), so the gain is about 3% at most, as the earlier prototype found.",
-    "- Copies. The python backend copies each input out of shared memory into the numpy array "
-    "that `as_numpy()` returns when it builds the request's tensor (pybind11's `py::array` "
-    "without a base copies; python_backend `src/pb_tensor.cc`), before `execute` runs, with "
-    "or without DLPack; `to_dlpack()` would hand out the shared-memory buffer instead, but "
-    "that copy has been made by then. Outputs are copied into shared memory once, from "
-    "`pb_utils.Tensor(name, array)` and from `Tensor.from_dlpack` alike on a CPU. So DLPack "
-    "saves nothing here; what the code does avoid is a copy of a request that is alone in "
-    "its batch (its array goes to ONNX Runtime as it is). A batch-32 uint8 input is 98 KB, "
-    "about 10 us to copy: not where the gap is.",
-    "- Server CPU per request. The `of which tritonserver` column: HTTP/gRPC, the scheduler "
-    "and the backend's side of the stub's shared memory take 0.6-1.0 ms of a batch-32 "
-    "request, the python in `execute` 0.3-0.5 ms (an instrumented copy of "
-    "classifier_model.py timed `execute` and `session.run` inside the stub, FP32 and INT8, "
-    "40-batch averages). At concurrency 1 the stub then waits 2.3-4.8 ms between batches: the "
-    "response's trip to the client and the next request's trip back, which a sequential "
-    "client cannot overlap; at concurrency 4 the wait between batches fell to 0.8-1.4 ms per "
-    "batch of 60-62 images (the backend's hand-over of responses and the next batch).",
-    "- Contention. Whatever runs on the other core slows ONNX Runtime on this one: with a "
-    "numpy matmul loop on the second core, one-thread batch-32 inference went from 18.7 to "
-    "21.7 ms (INT8) and from 28.8 to 33.1 ms (FP32). The server always has its client, "
-    "HTTP/gRPC threads and other users' jobs beside it; the baseline runs alone.",
-    "- Dynamic batching. A batch of 64 is 1-6% cheaper per image than 32 when the machine is "
-    "quiet (INT8 18.5 against 18.7 ms per 32 images, FP32 27.1 against 28.8), so at "
-    "concurrency 4 the baseline is ORT's better rate of the two. More instances or intra-op "
-    "threads would compare two cores against the baseline's one, so they were not tried as "
-    "a way to meet the goal.",
-    "- Router at batch 1, side by side (`.venv/bin/python benchmarks/router_modes.py 4`, "
-    "load average 9.6 at its start, 8.6 at its end): `inprocess` p50 / direct p50 was 0.85 "
-    "(gRPC) and 0.91 (HTTP) for FP32, 1.00 and 1.07 for INT8; `bls` 1.29-1.63. The router now "
-    "runs the same `model_serving.onnx` as the classifier, so the one thing it adds is its "
-    "routing and capture: between -0.2 and +0.2 ms of server CPU per request in that run.",
-]
+    return template.lines(
+        "batch32_cost",
+        costs="; ".join(parts),
+        own_low=f"{min(own):.1f}",
+        own_high=f"{max(own):.1f}",
+    )
 
 
 def render(section: dict[str, Any], sections: dict[str, Any]) -> list[str]:
+    template = Template("serving")
     parameters = section["parameters"]
     cells = section["cells"]
-    lines = [
-        "## 2. Serving: Triton (HTTP, gRPC, A/B router) against ONNX Runtime",
-        "",
-        f"{parameters['model']}, served by the real tritonserver (python backend + ONNX "
-        "Runtime, one instance, one intra-op thread, dynamic batching up to 64; the uint8 "
-        "normalisation runs in the ONNX graph, `model_serving.onnx`) started by "
-        "`cifar_assets.serving.launcher.start_scratch_server` as in the serving tests (router "
-        f"capture sample rate {parameters['capture_input_sample_rate']}); server ready in "
-        f"{section['server_start_seconds']:.0f} s. Load: `run_load(url, protocol, model, "
-        "version, batch_size, threads=concurrency, duration_s)` with random uint8 images; "
-        f"{parameters['rounds']} rounds of {parameters['seconds_per_cell_and_round']:.1f} s per "
-        "cell, all cells in turn each round. Direct ORT: `ort_baseline(onnx, batch, repeats)` "
-        "on the served version's own `model_serving.onnx`, fed the same uint8 images (one "
-        "thread, sequential, so concurrency 1 only; at batch 32 and 64), and at batch 32 the "
-        "plain `model.onnx` after numpy normalisation, the baseline before the graph did it. "
-        "Throughput: median over rounds; "
-        "latency percentiles: over every request of every round. The load generator runs on "
-        f"the same 2 cores as the server. Left out: {parameters['dropped']}.",
-        "",
-    ]
+    precisions = []
     for precision in PRECISIONS:
         rows = []
         for key, figures in cells.items():
@@ -424,27 +361,29 @@ def render(section: dict[str, Any], sections: dict[str, Any]) -> list[str]:
         rows.sort(
             key=lambda row: (int(row[1]), int(row[2]), list(PATH_NAMES.values()).index(row[0]))
         )
-        lines += [
-            f"### {precision.upper()} (Triton version {PRECISIONS[precision]})",
-            "",
-            *table(
-                [
-                    "path",
-                    "batch",
-                    "concurrency",
-                    "images/s",
-                    "p50 ms",
-                    "p95 ms",
-                    "p99 ms",
-                    "requests",
-                    "server CPU ms/request",
-                    "of which tritonserver",
-                    "failed",
-                ],
-                rows,
-            ),
-            "",
-        ]
+        precisions.append(
+            template.lines(
+                "precision",
+                precision=precision.upper(),
+                version=str(PRECISIONS[precision]),
+                table=table(
+                    [
+                        "path",
+                        "batch",
+                        "concurrency",
+                        "images/s",
+                        "p50 ms",
+                        "p95 ms",
+                        "p99 ms",
+                        "requests",
+                        "server CPU ms/request",
+                        "of which tritonserver",
+                        "failed",
+                    ],
+                    rows,
+                ),
+            )
+        )
     throughput_rows = [
         (key.replace("/", ", "), f"{value:.2f}")
         for key, value in section["ratios"]["throughput_vs_ort"].items()
@@ -453,37 +392,27 @@ def render(section: dict[str, Any], sections: dict[str, Any]) -> list[str]:
         (key.replace("/", ", "), f"{value['p50']:.2f}", f"{value['p99']:.2f}")
         for key, value in section["ratios"]["router_vs_direct"].items()
     ]
-    lines += [
-        f"Batch-32 throughput, Triton / direct ORT doing the same work (goal >= "
-        f"{GOAL_THROUGHPUT}): at concurrency 1 against ORT at batch 32; at concurrency 4, "
-        "where the dynamic batcher may join two requests into one call of 64, against ORT's "
-        "better rate of batch 32 and 64, so that batching alone cannot lift a ratio:",
-        "",
-        *table(["precision, path, batch, concurrency", "ratio"], throughput_rows),
-        "",
-        *_batch32_cost(section["cells"]),
-        f"Router latency / direct latency to the same version, same protocol (goal <= "
-        f"{GOAL_ROUTER} at p50):",
-        "",
-        *table(["precision, path, batch, concurrency", "p50 ratio", "p99 ratio"], router_rows),
-        "",
-        *router_notes(cells),
-        "",
-        *(
-            [
-                "Ratios above 1 are noise: other users' load fell more on the baseline's "
-                "rounds than on the server's.",
-                "",
-            ]
-            if any(v > 1 for v in section["ratios"]["throughput_vs_ort"].values())
-            else []
+    above_one = any(v > 1 for v in section["ratios"]["throughput_vs_ort"].values())
+    return template.lines(
+        "section",
+        model=parameters["model"],
+        capture_rate=str(parameters["capture_input_sample_rate"]),
+        server_start_seconds=f"{section['server_start_seconds']:.0f}",
+        rounds=str(parameters["rounds"]),
+        seconds_per_cell=f"{parameters['seconds_per_cell_and_round']:.1f}",
+        dropped=str(parameters["dropped"]),
+        precisions=blocks_apart(precisions),
+        goal_throughput=str(GOAL_THROUGHPUT),
+        throughput_table=table(["precision, path, batch, concurrency", "ratio"], throughput_rows),
+        batch32_cost=_batch32_cost(template, cells),
+        goal_router=str(GOAL_ROUTER),
+        router_table=table(
+            ["precision, path, batch, concurrency", "p50 ratio", "p99 ratio"], router_rows
         ),
-        "Server CPU ms/request: CPU time of tritonserver and its python-backend stubs "
-        "(`process_tree_cpu_ms`) over the cell, divided by its requests (warm-up included); "
-        "unlike wall-clock latency it hardly moves with other users' load. The p99 of a cell "
-        "with fewer than 100 requests is close to its maximum.",
-    ]
-    return lines + section_facts(section)
+        router_notes=router_notes(template, cells),
+        noise_note=template.lines("noise_note") if above_one else [],
+        facts=section_facts(section),
+    )
 
 
 def goals(section: dict[str, Any]) -> list[Goal]:

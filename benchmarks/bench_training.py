@@ -21,7 +21,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import THREADS, Goal, fmt, interleave, log, main, median, section_facts, table
+from common import (
+    THREADS,
+    Goal,
+    Template,
+    fmt,
+    interleave,
+    log,
+    main,
+    median,
+    section_facts,
+    table,
+)
 
 BATCH_SIZE = 64
 GOAL_RATIO = 0.95
@@ -144,6 +155,7 @@ def run(quick: bool) -> dict[str, Any]:
 
 
 def render(section: dict[str, Any], sections: dict[str, Any]) -> list[str]:
+    template = Template("training")
     rows = []
     for stem, figures in section["figures"].items():
         rows.append(
@@ -161,37 +173,38 @@ def render(section: dict[str, Any], sections: dict[str, Any]) -> list[str]:
         )
     runs = []
     for stem, figures in section["figures"].items():
-        runs.append(
-            f"- {stem} stem, images/s per run, project / bare (1-minute load average at the "
-            "start of each), in run order: "
-            + "; ".join(
-                f"{p:.1f} ({lp}) / {b:.1f} ({lb})"
-                for p, b, lp, lb in zip(
-                    figures["project_runs"],
-                    figures["bare_runs"],
-                    figures["load_average_per_run"][0::2],
-                    figures["load_average_per_run"][1::2],
-                    strict=True,
-                )
-            )
+        per_run = zip(
+            figures["project_runs"],
+            figures["bare_runs"],
+            figures["load_average_per_run"][0::2],
+            figures["load_average_per_run"][1::2],
+            strict=True,
         )
-    return [
-        "## 1. Training throughput: project loop against a bare PyTorch loop",
-        "",
-        f"ResNet18 from `build_resnet18`, batch {BATCH_SIZE}, synthetic 32x32 images, "
-        f"{THREADS} torch threads, CPU. Project: `train(..., TrainConfig(stem=..., "
-        f"batch_size={BATCH_SIZE}, max_steps=N, augment=True, device='cpu'))`, its "
-        "`images_per_s` (training steps only). Bare: SGD with momentum, cross-entropy, "
-        "`images[index]` batches, normalised, forward/backward/step, timed over the same steps. "
-        "Runs interleaved project, bare, project, bare...; figures are medians over runs. "
-        "Each loop is also timed per step: the median step time over all steps of all its "
-        "runs gives the last two columns (ratio = bare step time / project step time, so "
-        "above 1 means the project loop is faster). A burst of load from other users that "
-        "lands on one run moves that run's mean throughput, and so the first ratio, by 10-30% "
-        "here; it moves only a few of the median's steps. Goal, read on the ratio of median "
-        f"steps for the ImageNet stem: >= {GOAL_RATIO}.",
-        "",
-        *table(
+        runs += template.lines(
+            "runs",
+            stem=stem,
+            figures="; ".join(f"{p:.1f} ({lp}) / {b:.1f} ({lb})" for p, b, lp, lb in per_run),
+        )
+    step_times = []
+    imagenet = section["figures"].get("imagenet")
+    if imagenet is not None:
+        spread = imagenet["pair_ratios"]
+        step_times = template.lines(
+            "step_times",
+            stem="imagenet",
+            steps=str(len(imagenet["project_step_seconds"])),
+            project=_percentiles_ms(imagenet["project_step_seconds"]),
+            bare=_percentiles_ms(imagenet["bare_step_seconds"]),
+            low=f"{min(spread):.2f}",
+            high=f"{max(spread):.2f}",
+            wide_spread=template.text("wide_spread") if max(spread) - min(spread) > 0.05 else "",
+        )
+    return template.lines(
+        "section",
+        batch_size=str(BATCH_SIZE),
+        threads=str(THREADS),
+        goal_ratio=str(GOAL_RATIO),
+        table=table(
             [
                 "model",
                 "steps x repeats",
@@ -204,36 +217,10 @@ def render(section: dict[str, Any], sections: dict[str, Any]) -> list[str]:
             ],
             rows,
         ),
-        "",
-        *runs,
-        "",
-        "What the project's loop does beyond the bare one, all inside the timed steps: a "
-        "random flip and translation gathered by one index operation, label smoothing, "
-        "Nesterov momentum with a one-cycle schedule step, and accumulating loss and accuracy "
-        "on tensors (no host sync per step). Both include their first steps (the project "
-        "reports them so); an untimed 2-step pass of each came first (not in --quick).",
-        "",
-        *[
-            f"{stem} stem, step times in ms (10th / 50th / 90th percentile over "
-            f"{len(f['project_step_seconds'])} steps each): project "
-            f"{_percentiles_ms(f['project_step_seconds'])}, bare "
-            f"{_percentiles_ms(f['bare_step_seconds'])}. The pair ratios of mean throughput "
-            f"spread over {min(f['pair_ratios']):.2f}-{max(f['pair_ratios']):.2f}"
-            + (
-                ", wider than the goal's 5% margin: that is the load of other users moving "
-                "whole runs, to which the median step is less sensitive (across three runs "
-                "on 2026-11-26 it still moved from 0.96 to 1.11).\n"
-                if max(f["pair_ratios"]) - min(f["pair_ratios"]) > 0.05
-                else ".\n"
-            )
-            for stem, f in section["figures"].items()
-            if stem == "imagenet"
-        ],
-        "The CIFAR-stem rows are a short indication only: a few steps per run (each step is "
-        "about 2 s), so one slow step moves a run by a third; its ratio is noise, not a "
-        "property of either loop.",
-        *section_facts(section),
-    ]
+        runs=runs,
+        step_times=step_times,
+        facts=section_facts(section),
+    )
 
 
 def _percentiles_ms(seconds: list[float]) -> str:

@@ -7,6 +7,10 @@ Each benchmark module defines ``run(quick: bool) -> dict`` (the raw figures of i
 measures its section and writes the JSON to ``--out``; ``run_all.py`` starts one such process per
 section, so each section begins with a fresh interpreter (no warm caches, no threads left over).
 Only the standard library is imported here: the report is rendered without torch.
+
+The report's prose lives in ``templates/<name>.md``, one file per section (and ``report.md`` for
+the frame, ``facts.md`` for the lines every section ends with); a ``render`` computes the tables
+and the figures and fills them in with ``Template``.
 """
 
 from __future__ import annotations
@@ -326,15 +330,18 @@ def blocks_apart(blocks: Sequence[list[str]]) -> list[str]:
 def section_facts(section: dict[str, Any]) -> list[str]:
     """The lines every section ends with: how to reproduce it and under which conditions."""
     machine_facts = section["machine"]
-    packages = ", ".join(f"{k} {v}" for k, v in section["packages"].items())
-    return [
-        "",
-        f"Reproduce: `{section['command']}`  ",
-        f"Machine: {machine_facts['cpu_model']}, {machine_facts['usable_cpus']} usable of "
-        f"{machine_facts['logical_cpus']} logical CPUs ({', '.join(machine_facts['simd_flags'])}), "
-        f"{machine_facts['memory_gib']} GiB, Python {machine_facts['python']}  ",
-        f"Packages: {packages}  ",
-        f"Started {section['started_at']}, took {section['seconds']:.0f} s; load average "
-        f"(1/5/15 min) {section['load_average_start']} at start, "
-        f"{section['load_average_end']} at end.",
-    ]
+    return Template("facts").lines(
+        "facts",
+        command=section["command"],
+        cpu_model=machine_facts["cpu_model"],
+        usable_cpus=str(machine_facts["usable_cpus"]),
+        logical_cpus=str(machine_facts["logical_cpus"]),
+        simd_flags=", ".join(machine_facts["simd_flags"]),
+        memory_gib=str(machine_facts["memory_gib"]),
+        python=machine_facts["python"],
+        packages=", ".join(f"{k} {v}" for k, v in section["packages"].items()),
+        started_at=section["started_at"],
+        seconds=f"{section['seconds']:.0f}",
+        load_start=str(section["load_average_start"]),
+        load_end=str(section["load_average_end"]),
+    )

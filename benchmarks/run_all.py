@@ -30,6 +30,8 @@ from common import (
     BENCH_DIR,
     PROJECT_ROOT,
     PYTHON,
+    Template,
+    blocks_apart,
     load_average,
     machine,
     package_versions,
@@ -96,18 +98,14 @@ def render_gpu() -> list[str]:
     ]
     full = gpu["full_run"]
     epochs = full["images_per_s_per_epoch"]
-    return [
-        "## 7. GPU training (NVIDIA H200; measured elsewhere, quoted)",
-        "",
-        f"Not measured by this suite: quoted from `benchmarks/train_gpu_h200.json`, written by "
-        f"`benchmarks/train_gpu.py` on one {gpu['machine']['gpu']} (torch "
-        f"{gpu['machine']['torch']}, Python {gpu['machine']['python']}). The project's own "
-        "`train()` on the CIFAR stem, batch 512 (the TrainConfig defaults), "
-        f"{gpu['data']['train']:,} synthetic training images and {gpu['data']['test']:,} test "
-        "images (CIFAR-10 cannot be downloaded there either). Steady images/s is the median of "
-        "the epochs after the first (the first holds compilation and cuDNN autotuning).",
-        "",
-        *table(
+    return Template("gpu").lines(
+        "section",
+        gpu=gpu["machine"]["gpu"],
+        torch=gpu["machine"]["torch"],
+        python=gpu["machine"]["python"],
+        train_images=f"{gpu['data']['train']:,}",
+        test_images=f"{gpu['data']['test']:,}",
+        table=table(
             [
                 "bf16 + channels_last",
                 "torch.compile",
@@ -119,21 +117,15 @@ def render_gpu() -> list[str]:
             ],
             rows,
         ),
-        "",
-        f"Full run with the best setting (bf16 {'on' if full['config']['mixed_precision'] else 'off'}, "
-        f"compile {'on' if full['config']['compile'] else 'off'}): {full['config']['epochs']} "
-        f"epochs in {full['wall_seconds']:.1f} s, steady {full['steady_images_per_s']:,.0f} "
-        f"images/s (epochs ranged {min(epochs):,.0f}-{max(epochs):,.0f}), test accuracy "
-        f"{100 * full['test_accuracy']:.2f}%.",
-        "",
-        "Read with care: the accuracy is on synthetic images, which are far easier than "
-        "CIFAR-10 (99.7-99.97% here), so it shows that training works, not CIFAR-10 accuracy. "
-        "Against the CPU figures of section 1 (CIFAR stem, batch 64, 2 cores) the H200 trains "
-        "about three orders of magnitude faster.",
-        "",
-        "Reproduce (on a GPU machine): `PYTHONPATH=. python3 benchmarks/train_gpu.py --out "
-        "results/train_gpu.json`",
-    ]
+        mixed_precision="on" if full["config"]["mixed_precision"] else "off",
+        compile="on" if full["config"]["compile"] else "off",
+        epochs=str(full["config"]["epochs"]),
+        wall_seconds=f"{full['wall_seconds']:.1f}",
+        steady=f"{full['steady_images_per_s']:,.0f}",
+        low=f"{min(epochs):,.0f}",
+        high=f"{max(epochs):,.0f}",
+        accuracy=f"{100 * full['test_accuracy']:.2f}",
+    )
 
 
 def suite_estimate(results: dict[str, Any]) -> float | None:
@@ -151,18 +143,21 @@ def suite_estimate(results: dict[str, Any]) -> float | None:
     return float(full_run["total_seconds"] + sum(changed[n] - before[n] for n in changed))
 
 
-def run_lines(results: dict[str, Any]) -> list[str]:
+def run_lines(template: Template, results: dict[str, Any]) -> list[str]:
     """When and under which load the figures were taken: the full run, and any sections
     re-measured after it with --only."""
-    load_note = "(2 cores: a 1-minute load above 2 means other processes were competing)"
+    load_note = template.text("load_note")
     full_run = results.get("full_run")
     if not results["partial"] or not full_run:
-        return [
-            f"- Run: `{results['command']}`, started {results['started_at']}, took "
-            f"{results['total_seconds'] / 60:.1f} min; load average (1/5/15 min) "
-            f"{results['load_average_start']} at the start, {results['load_average_end']} at "
-            f"the end {load_note}.",
-        ]
+        return template.lines(
+            "run",
+            command=results["command"],
+            started_at=results["started_at"],
+            minutes=f"{results['total_seconds'] / 60:.1f}",
+            load_start=str(results["load_average_start"]),
+            load_end=str(results["load_average_end"]),
+            load_note=load_note,
+        )
     before = full_run.get("section_seconds", {})
     redone = [
         name
@@ -170,43 +165,43 @@ def run_lines(results: dict[str, Any]) -> list[str]:
         if section.get("started_at", "") > full_run["started_at"]
         and section.get("process_seconds") != before.get(name)
     ]
-    return [
-        f"- Full run: `.venv/bin/python benchmarks/run_all.py`, started {full_run['started_at']}, "
-        f"took {full_run['total_seconds'] / 60:.1f} min; load average (1/5/15 min) "
-        f"{full_run['load_average_start']} at the start, {full_run['load_average_end']} at the "
-        f"end {load_note}.",
-        f"- Re-measured after it with `--only` (their sections give their own start time and "
-        f"load): {', '.join(redone) if redone else 'none'}. Latest command: "
-        f"`{results['command']}`.",
-    ]
+    return template.lines(
+        "full_run",
+        started_at=full_run["started_at"],
+        minutes=f"{full_run['total_seconds'] / 60:.1f}",
+        load_start=str(full_run["load_average_start"]),
+        load_end=str(full_run["load_average_end"]),
+        load_note=load_note,
+        redone=", ".join(redone) if redone else template.text("nothing_redone"),
+        command=results["command"],
+    )
 
 
 def render(results: dict[str, Any]) -> str:
+    template = Template("report")
     sections: dict[str, Any] = {
         name: section for name, section in results["sections"].items() if not section.get("failed")
     }
     goal_rows: list[tuple[str, str, str, str]] = []
-    body: list[str] = []
+    body: list[list[str]] = []
     for name in REPORT_ORDER:
         section = results["sections"].get(name)
         if section is None:
             continue
         if section.get("failed"):
-            body += [
-                f"## {name}: FAILED",
-                "",
-                f"`bench_{name}.py` exited with code {section['returncode']} after "
-                f"{section['process_seconds']:.0f} s. Last lines of its output:",
-                "",
-                "```",
-                *section["error_tail"],
-                "```",
-                "",
-            ]
+            body.append(
+                template.lines(
+                    "failed",
+                    name=name,
+                    returncode=str(section["returncode"]),
+                    seconds=f"{section['process_seconds']:.0f}",
+                    error_tail=list(section["error_tail"]),
+                )
+            )
             goal_rows.append((f"{name} section", "runs", "FAILED", "no"))
             continue
         module = importlib.import_module(f"bench_{name}")
-        body += [*module.render(section, sections), ""]
+        body.append(module.render(section, sections))
         for goal in module.goals(section):
             verdict = {True: "**yes**", False: "**no**", None: "-"}[goal.met]
             goal_rows.append((goal.name, goal.target, goal.measured, verdict))
@@ -232,45 +227,21 @@ def render(results: dict[str, Any]) -> str:
         )
     run_machine = results["machine"]
     quick = any(section.get("quick") for section in results["sections"].values())
-    lines = [
-        "# Benchmarks: CIFAR-10 ResNet18 platform on a 2-core CPU",
-        "",
-        "Generated by `.venv/bin/python benchmarks/run_all.py` (raw figures in "
-        "`benchmarks/results.json`; `--render-only` rewrites this file from them)."
-        + (" **QUICK SMOKE RUN: the figures below are not meaningful.**" if quick else ""),
-        "",
-        f"- Machine: {run_machine['cpu_model']}, {run_machine['usable_cpus']} usable of "
-        f"{run_machine['logical_cpus']} logical CPUs ({', '.join(run_machine['simd_flags'])}), "
-        f"{run_machine['memory_gib']} GiB, Linux {run_machine['kernel']}, a KVM guest shared "
-        "with other engineers' test runs.",
-        *run_lines(results),
-        "- Method: every figure is a median over repeated runs; every ratio compares "
-        "figures measured side by side in the same run, alternating between the two sides. "
-        "torch and ONNX Runtime use 2 threads unless a section says otherwise.",
-        "",
-        "## Summary",
-        "",
-        *table(["what", "goal", "measured", "met"], goal_rows),
-        "",
-        "Figures marked `-` have no goal of their own; they are reported for reference.",
-        "",
-        *body,
-        *render_gpu(),
-        "",
-        "## Notes on this machine",
-        "",
-        "- Two vCPUs of an AMD EPYC (Zen 3) under KVM, shared with other engineers' tests "
-        "(pytest, Dagster runs, tritonservers). Throughput figures move with that load; the "
-        "load averages above and per run in results.json say how busy it was.",
-        "- Oversubscription hurts 2-thread torch far more than its share of the CPU: during "
-        "development, an ImageNet-stem training step took 0.6 s with 2 threads on an idle "
-        "machine but 2-4 s with 2 threads while another process kept one core busy (1 thread: "
-        "0.63 s). A figure far below its neighbours in the per-run lists is that, not the code.",
-        "- Ratios are measured side by side, alternating, so they are much steadier than the "
-        "absolute figures; compare absolute figures between runs only at similar load.",
-        "",
-    ]
-    return "\n".join(lines)
+    lines = template.lines(
+        "report",
+        quick_warning=template.text("quick_warning") if quick else "",
+        cpu_model=run_machine["cpu_model"],
+        usable_cpus=str(run_machine["usable_cpus"]),
+        logical_cpus=str(run_machine["logical_cpus"]),
+        simd_flags=", ".join(run_machine["simd_flags"]),
+        memory_gib=str(run_machine["memory_gib"]),
+        kernel=run_machine["kernel"],
+        run=run_lines(template, results),
+        summary_table=table(["what", "goal", "measured", "met"], goal_rows),
+        sections=blocks_apart(body),
+        gpu=render_gpu(),
+    )
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
