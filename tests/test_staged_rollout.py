@@ -140,7 +140,8 @@ def test_a_whole_staged_rollout_under_load_fails_no_request(
     duration = time.monotonic() - load.started
 
     assert load.failures == [], load.failures[:5]
-    assert [a["stage"] for a in acted] == ["shadow", "canary-0", "canary-1", "canary-2"], acted
+    why = [(a["stage"], a["action"], a["reason"]) for a in acted]
+    assert [a["stage"] for a in acted] == ["shadow", "canary-0", "canary-1", "canary-2"], why
     assert all(a["action"] == "advance" for a in acted), [(a["stage"], a["reason"]) for a in acted]
     final = rollout.state()
     assert (final.champion, final.challenger, final.weights, final.live_versions) == (
