@@ -16,6 +16,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from cifar_assets import storage
@@ -24,7 +25,7 @@ from cifar_assets.data.splits import stratified_split
 from cifar_assets.data.synthetic import generate_synthetic
 
 
-def median_seconds(action, repeats: int) -> float:  # type: ignore[no-untyped-def]
+def median_seconds(action: Callable[[], object], repeats: int) -> float:
     times = []
     for _ in range(repeats):
         storage._known.clear()  # no cached versions: every repeat hashes
