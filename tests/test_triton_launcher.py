@@ -101,7 +101,14 @@ def test_server_that_dies_while_starting_reports_its_log(tmp_path: Path) -> None
 
 
 def test_context_manager_starts_serves_and_stops(tmp_path: Path) -> None:
+    import io
+    import json
+
+    from cifar_assets.logs import configure_logging
+
     config = _config(tmp_path)
+    stream = io.StringIO()
+    configure_logging("INFO", stream)
     with TritonServer(config) as server:
         assert server.is_ready()
         pid = server.pid
@@ -115,6 +122,17 @@ def test_context_manager_starts_serves_and_stops(tmp_path: Path) -> None:
     # No live versions were ever set: only the router was loaded.
     assert "successfully loaded 'cifar10_ab'" in config.log_path.read_text()
     assert repository.read_live_versions(config.state_dir) == []
+    # The launcher's JSON lines: started, ready, stopped, each with the server's pid.
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    launcher = [line for line in lines if line["component"] == "launcher"]
+    assert [line["message"] for line in launcher] == [
+        "tritonserver started",
+        "tritonserver ready, models restored",
+        "tritonserver stopped",
+    ]
+    assert all(line["pid"] == pid for line in launcher)
+    assert launcher[0]["http_url"] == config.http_url and launcher[1]["seconds"] > 0
+    configure_logging()
 
 
 def test_cli_start_status_stop_across_processes(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -388,12 +389,19 @@ def stop_and_clean(config: TritonConfig) -> tuple[bool, Orphans]:
     return running, remove_orphans(repo)
 
 
+def _log() -> logging.Logger:
+    """The launcher's JSON-lines logger (cifar_assets.logs): start, ready, stop, problems."""
+    from cifar_assets.logs import get_logger
+
+    return get_logger("launcher")
+
+
 def _unload_before_stop(config: TritonConfig, host: str, port: int) -> None:
     try:
         headers = repository.control_headers(config.state_dir)
     except repository.RepositoryError as exc:
         # SIGTERM still stops the server; only a graceful finalize of the models is skipped.
-        print(f"cifar-triton: models not unloaded before the stop: {exc}", file=sys.stderr)
+        _log().warning(f"models not unloaded before the stop: {exc}")
         return
     unload_all(host, port, config.stop_timeout_s, headers)
 
@@ -605,6 +613,18 @@ class TritonServer:
                 "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
             },
         )
+        _log().info(
+            "tritonserver started",
+            extra={
+                "pid": self.process.pid,
+                "http_url": config.http_url,
+                "grpc_url": config.grpc_url,
+                "repo": str(config.repo),
+                "server_log": str(config.log_path),
+                "orphan_stubs_killed": len(self.orphans_removed.stubs),
+            },
+        )
+        started = time.monotonic()
         try:
             self._wait_ready()
             repository.restore_models(
@@ -615,8 +635,13 @@ class TritonServer:
                 capture_input_sample_rate=config.capture_input_sample_rate,
             )
         except BaseException:
+            _log().error("tritonserver failed to start", extra={"pid": self.process.pid})
             self.stop()
             raise
+        _log().info(
+            "tritonserver ready, models restored",
+            extra={"pid": self.process.pid, "seconds": round(time.monotonic() - started, 2)},
+        )
         return self
 
     def _wait_ready(self) -> None:
@@ -654,8 +679,13 @@ class TritonServer:
         record = read_pid_file(self.config.state_dir)
         if record is not None and int(record["pid"]) == self.process.pid:
             self.config.pid_path.unlink(missing_ok=True)
+        pid = self.process.pid
         self.process = None
         self.orphans_removed = remove_orphans(self.config.repo)
+        _log().info(
+            "tritonserver stopped",
+            extra={"pid": pid, "orphan_stubs_killed": len(self.orphans_removed.stubs)},
+        )
 
     def wait(self) -> int:
         """Block until the server exits (``cifar-triton start --foreground``); its exit code."""
