@@ -14,6 +14,8 @@ import pytest
 pytest_plugins = ["tests.serving_fixtures"]
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# the closed loop's shared steps assert like a test module does
+pytest.register_assert_rewrite("tests.loop")
 
 
 @pytest.fixture

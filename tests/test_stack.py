@@ -10,9 +10,16 @@ One stack for the module, on free ports under a fresh folder. In order:
    lost, the registry keeps its champion and its proxied artifacts;
 3. two drift checks, launched by the daemon's sensor for two dropped batches, run at once;
 4. traffic with feedback goes through the router, and Prometheus itself answers the PromQL of
-   every panel of the Grafana dashboard; each answer is checked.
+   every panel of the Grafana dashboard; each answer is checked;
+5. the closed loop from main_job's v1 on, with the steps of tests/test_closed_loop.py
+   (tests/loop.py): a labelled drifted batch dropped into the incoming folder is checked by the
+   daemon, Prometheus fires the drift alert, the drift sensor's retraining serves v2 as
+   challenger, traffic with feedback, ``ab_test_report``, promotion and rollback. After each
+   change the whole state is read through the MLflow server and the stack's Triton, and
+   Prometheus' router weights agree with it.
 
-The times (up to ready, each restart, failed requests while restarting) are printed.
+The times (up to ready, each restart, failed requests while restarting, the loop's steps) are
+printed.
 """
 
 from __future__ import annotations
@@ -36,8 +43,18 @@ import numpy as np
 import pytest
 
 from tests.conftest import PROJECT_ROOT, subprocess_env, whole_state
+from tests.loop import (
+    TRAINING,
+    Loop,
+    ab_test_promote_and_roll_back,
+    assert_journal,
+    drop_and_check,
+    expected_state,
+    finished,
+    retraining_serves_challenger,
+    write_noisy_batch,
+)
 from tests.serving_fixtures import copy_repository, free_ports
-from tests.test_closed_loop import TRAINING
 
 # The closed loop's recipe, halved: the module must fit CI's budget on two cores.
 TRAINING = {
@@ -48,8 +65,8 @@ TRAINING = {
     "drift_baseline": {"config": {"reference_images": 90}},
 }
 STACK = str(PROJECT_ROOT / "scripts" / "stack.sh")
+STACK_WORKSPACE = "configs/stack/workspace.yaml"
 DASHBOARD = PROJECT_ROOT / "configs" / "monitoring" / "grafana_dashboard.json"
-FAILED = (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)
 needs_services = pytest.mark.skipif(
     shutil.which("prometheus") is None
     or not list(Path("/usr/lib/postgresql").glob("*/bin/initdb")),
@@ -58,11 +75,11 @@ needs_services = pytest.mark.skipif(
 
 
 @dataclass
-class Stack:
-    env: dict[str, str]
-    dir: Path
-    ports: dict[str, int]
-    figures: dict[str, Any] = field(default_factory=dict)
+class Stack(Loop):
+    """The loop (tests/loop.py) on the stack's instance and webserver, with its own handles."""
+
+    dir: Path = field(kw_only=True)
+    ports: dict[str, int] = field(kw_only=True)
 
     def sh(self, *args: str, timeout_s: float = 600) -> str:
         result = subprocess.run(
@@ -75,38 +92,6 @@ class Stack:
         )
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
         return result.stdout
-
-    def instance(self) -> dg.DagsterInstance:
-        return dg.DagsterInstance.from_config(self.env["DAGSTER_HOME"])
-
-    def runs(self) -> list[dg.DagsterRun]:
-        with self.instance() as instance:
-            return list(reversed(instance.get_runs()))
-
-    def wait_for_runs(
-        self, done: Callable[[list[dg.DagsterRun]], bool], what: str, timeout_s: float
-    ) -> list[dg.DagsterRun]:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            runs = self.runs()
-            failed = [r for r in runs if r.status in FAILED]
-            assert not failed, self.failure_report(failed)
-            if done(runs):
-                return runs
-            time.sleep(2)
-        raise AssertionError(f"timed out waiting for {what}: {self.summary()}")
-
-    def summary(self) -> str:
-        return ", ".join(f"{r.job_name}:{r.status.value}" for r in self.runs())
-
-    def failure_report(self, failed: list[dg.DagsterRun]) -> str:
-        lines = []
-        with self.instance() as instance:
-            for run in failed:
-                for entry in instance.all_logs(run.run_id):
-                    if entry.dagster_event and entry.dagster_event.is_failure:
-                        lines.append(f"{run.job_name}: {entry.message[:1500]}")
-        return f"runs failed: {self.summary()}\n" + "\n".join(lines[-6:])
 
     def prometheus(self, query: str) -> list[dict[str, Any]]:
         url = f"http://127.0.0.1:{self.ports['prometheus']}/api/v1/query?" + urllib.parse.urlencode(
@@ -140,7 +125,11 @@ def stack() -> Iterator[Stack]:
     ]
     ports = dict(zip([*names, "metrics"], free_ports(len(names) + 1), strict=True))
     retraining = root / "retraining.yaml"
-    retraining.write_text(yaml.safe_dump({"ops": TRAINING}))
+    # One process for all steps, as main_job below: each step process would import torch and
+    # mlflow again; the queue, the daemon and the stores are the same.
+    retraining.write_text(
+        yaml.safe_dump({"ops": TRAINING, "execution": {"config": {"in_process": {}}}})
+    )
     env = {
         "CIFAR_VAR_DIR": str(var),
         "TRITON_MODEL_REPOSITORY": str(var / "triton_repo"),
@@ -174,7 +163,7 @@ def stack() -> Iterator[Stack]:
             patch.delenv(key, raising=False)
         for key, value in env.items():
             patch.setenv(key, value)
-        handle = Stack(env, var / "stack", ports)
+        handle = Stack(env, ports["webserver"], dir=var / "stack", ports=ports)
         started = time.monotonic()
         try:
             handle.figures["up_output"] = handle.sh("up")
@@ -184,6 +173,9 @@ def stack() -> Iterator[Stack]:
                 key, value = line.removeprefix("export ").split("=", 1)
                 handle.env[key] = value.strip("'")
                 patch.setenv(key, value.strip("'"))
+            # Retraining waits for the closed loop's drifted batch (the last test turns the
+            # sensor on again), with the documented command in the stack's workspace.
+            handle.dagster("sensor", "stop", "drift_retraining_sensor", "-w", STACK_WORKSPACE)
             yield handle
         finally:
             subprocess.run(
@@ -301,15 +293,10 @@ def postgres_answers(stack: Stack) -> object:
 
 @needs_services
 def test_main_job_through_the_daemon_survives_restarting_each_service(stack: Stack) -> None:
-    from dagster_graphql import DagsterGraphQLClient
-
-    client = DagsterGraphQLClient("127.0.0.1", port_number=stack.ports["webserver"])
     # One process for all steps: each step process would import torch and mlflow again, and
     # the module has to fit CI's budget; the queue, the daemon and the stores are the same.
-    run_id = client.submit_job_execution(
-        "main_job",
-        repository_location_name="cifar_assets",
-        run_config={"ops": TRAINING, "execution": {"config": {"in_process": {}}}},
+    run_id = stack.launch(
+        "main_job", {"ops": TRAINING, "execution": {"config": {"in_process": {}}}}
     )
     launched = time.monotonic()
     stack.wait_for_runs(
@@ -329,14 +316,7 @@ def test_main_job_through_the_daemon_survives_restarting_each_service(stack: Sta
     stack.figures["main_job_run_s"] = round(stats.end_time - stats.start_time, 1)
     stack.figures["main_job_launch_to_success_s"] = round(time.monotonic() - launched, 1)
     assert [(r.run_id, r.job_name) for r in runs] == [(run_id, "main_job")]  # none lost
-    assert whole_state() == {
-        "champion": 1,
-        "challenger": None,
-        "weights": {1: 1.0},
-        "live": [1],
-        "ready": [1],
-        "problems": [],
-    }
+    assert whole_state() == expected_state(1, None, {1: 1.0})
 
     # The registry lives in PostgreSQL behind the server, and its artifacts went through the
     # server into the stack's artifact folder (no client wrote there itself).
@@ -363,10 +343,11 @@ def test_two_drift_checks_run_at_once(stack: Stack) -> None:
     from cifar_assets.data.imageset import save_npz
     from cifar_assets.data.synthetic import generate_synthetic
 
-    incoming = Path(stack.env["CIFAR_VAR_DIR"]) / "incoming"
-    incoming.mkdir(parents=True, exist_ok=True)
+    stack.incoming.mkdir(parents=True, exist_ok=True)
     for name, seed in (("morning", 31), ("evening", 32)):
-        save_npz(incoming / f"{name}.npz", {"images": generate_synthetic(150, seed=seed).images})
+        save_npz(
+            stack.incoming / f"{name}.npz", {"images": generate_synthetic(150, seed=seed).images}
+        )
     runs = stack.wait_for_runs(
         lambda runs: (
             sum(
@@ -398,22 +379,29 @@ def wait_for(found: Callable[[], object], what: str, timeout_s: float) -> None:
 
 def send_traffic(stack: Stack, first: int, users: int) -> float:
     """Router requests from users ``first``..``users - 1`` with feedback: every third answer
-    is marked wrong. Returns the accuracy the feedback of all users so far implies."""
+    is marked wrong. Returns the accuracy the feedback of all users so far implies.
+
+    The feedback is given once the router has captured the requests, as a user answers after
+    seeing the prediction: cifar-metrics drops feedback for a request it has not yet read in the
+    capture (cifar_assets/metrics.py, ``_read_feedback``)."""
     from cifar_assets.data.synthetic import generate_synthetic
-    from cifar_assets.serving.capture import record_feedback
+    from cifar_assets.serving.capture import read_capture, record_feedback
     from cifar_assets.serving.client import infer_ab
 
     capture = Path(stack.env["CIFAR_VAR_DIR"]) / "capture"
     images = generate_synthetic(users, seed=41).images
     correct = sum(user % 3 != 0 for user in range(first))
+    answers = {}
     for user in range(first, users):
         result = infer_ab(
             images[user : user + 1], user_id=f"u{user}", url=f"127.0.0.1:{stack.ports['http']}"
         )
-        predicted = int(np.argmax(result.logits[0]))
+        answers[result.request_id] = (user, int(np.argmax(result.logits[0])))
+    wait_for(lambda: set(answers) <= set(read_capture(capture)["request_id"]), "the capture", 30)
+    for request_id, (user, predicted) in answers.items():
         right = user % 3 != 0
         correct += right
-        record_feedback(capture, result.request_id, predicted if right else (predicted + 1) % 10)
+        record_feedback(capture, request_id, predicted if right else (predicted + 1) % 10)
     return correct / users
 
 
@@ -498,6 +486,56 @@ def test_prometheus_answers_every_dashboard_panel(stack: Stack) -> None:
     assert alerts["CifarRouterErrorRate"] == "inactive"
     # the drift alert follows the latest report's verdict
     assert (alerts["CifarDataDrift"] != "inactive") == drift["drift"], (alerts, drift)
+
+
+def prometheus_weights_agree(stack: Stack, state: dict[str, Any]) -> None:
+    """Prometheus' view of the router (the ``cifar10_ab_weight`` gauge that the SRM alert
+    reads) comes to equal the router's weights in ``state``."""
+    deadline = time.monotonic() + 60
+    while True:
+        seen = {
+            int(series["metric"]["version"]): float(series["value"][1])
+            for series in stack.prometheus("cifar10_ab_weight")
+        }
+        if seen == state["weights"]:
+            return
+        assert time.monotonic() < deadline, f"Prometheus: {seen}, the router: {state['weights']}"
+        time.sleep(1)
+
+
+@needs_services
+def test_the_closed_loop_on_the_stack(stack: Stack) -> None:
+    assert finished(stack.runs(), "main_job"), "needs main_job's v1 (the test above)"
+    started = time.monotonic()
+    stack.watch = lambda state: prometheus_weights_agree(stack, state)
+    verdicts = drop_and_check(stack, write_noisy_batch, {"noisy"})
+    assert verdicts["noisy"]["drift"] is True and verdicts["noisy"]["labelled"] is True
+    # the earlier batches' verdicts (clean synthetic data against the 1-epoch model's baseline)
+    stack.figures["verdicts"] = {batch: v["drift"] for batch, v in verdicts.items()}
+
+    # Prometheus sees the verdict: the batch's score over the threshold, and the alert fires.
+    status = json.loads((stack.var / "storage" / "drift_report" / "drift_status.json").read_text())
+    assert status["batch"] == "noisy" and status["drift"] is True
+    firing: list[dict[str, Any]] = []
+
+    def drift_alert_fires() -> bool:
+        firing[:] = stack.prometheus('ALERTS{alertname="CifarDataDrift",alertstate="firing"}')
+        return bool(firing)
+
+    wait_for(drift_alert_fires, "the CifarDataDrift alert", 60)
+    assert [s["metric"]["batch"] for s in firing] == ["noisy"]
+    (score,) = stack.prometheus('cifar10_data_drift_score{batch="noisy"}')
+    assert abs(float(score["value"][1]) - status["score"]) < 1e-9 and status["score"] > 0.95
+
+    # Retraining switched on again: one run for every drifted report so far.
+    stack.dagster("sensor", "start", "drift_retraining_sensor", "-w", STACK_WORKSPACE)
+    with stack.instance() as instance:
+        states = {s.instigator_name: s.status.value for s in instance.all_instigator_state()}
+    assert states["drift_retraining_sensor"] == "RUNNING"
+    retraining_serves_challenger(stack, verdicts)
+    ab_test_promote_and_roll_back(stack)
+    assert_journal(stack, [("deploy", 1), ("deploy", 2), ("promote", 2), ("rollback", 1)])
+    stack.figures["closed_loop_after_main_job_s"] = round(time.monotonic() - started, 1)
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="needs promtool (prometheus)")
