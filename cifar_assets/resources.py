@@ -24,17 +24,10 @@ def stored_value_path(asset: str, partition: str | None = None) -> str:
     """Where the latest stored value of an asset (partition) lives: a path, or a URL when the
     store is remote. Its name is its content hash, so run config that hands it to another job
     (the retraining sensor's ``extra_batches``) pins that exact version."""
-    from cifar_assets.storage import AssetStore, StorageError
+    from cifar_assets.storage import AssetStore
 
     store = AssetStore(get_settings().asset_store)
-    record = store.latest(asset, partition)
-    if record is None:
-        where = f" partition {partition!r}" if partition else ""
-        raise StorageError(
-            f"No stored value for asset {asset!r}{where} under {store.root_url}; materialize it "
-            "first."
-        )
-    return store.location(record.object)
+    return store.location(store.require_latest(asset, partition).object)
 
 
 def _asset_name(context: dg.OutputContext | dg.InputContext) -> str:
@@ -81,18 +74,8 @@ class LocalStorageIOManager(dg.ConfigurableIOManager):
         )
 
     def load_input(self, context: dg.InputContext) -> Any:
-        from cifar_assets.storage import StorageError
-
         store = self._store()
-        partition = self._partition(context)
-        record = store.latest(_asset_name(context), partition)
-        if record is None:
-            where = f" partition {partition!r}" if partition else ""
-            raise StorageError(
-                f"No stored value for asset {context.asset_key.to_user_string()}{where} under "
-                f"{store.root_url}. Materialize it first (e.g. from the Dagster UI or with "
-                "`dagster job execute`)."
-            )
+        record = store.require_latest(_asset_name(context), self._partition(context))
         context.log.info(
             f"{context.asset_key.to_user_string()}: loading data version {record.version} "
             f"({store.location(record.object)})"

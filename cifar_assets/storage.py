@@ -399,10 +399,9 @@ class AssetStore:
         _remember(value, record.version)
         return value
 
-    def load(self, asset: str, version: str | None = None, partition: str | None = None) -> Any:
-        """The value of ``asset``: the given ``version``, else the latest materialization."""
-        if version is not None:
-            return self.read(self.find(asset, version, partition))
+    def require_latest(self, asset: str, partition: str | None = None) -> StoredVersion:
+        """The latest record of ``asset`` (partition), or a StorageError that says to
+        materialize it."""
         record = self.latest(asset, partition)
         if record is None:
             where = f" partition {partition!r}" if partition else ""
@@ -410,7 +409,13 @@ class AssetStore:
                 f"No stored value for asset {asset!r}{where} under {self.root_url}. Materialize "
                 "it first (from the Dagster UI or with `dagster job execute`)."
             )
-        return self.read(record)
+        return record
+
+    def load(self, asset: str, version: str | None = None, partition: str | None = None) -> Any:
+        """The value of ``asset``: the given ``version``, else the latest materialization."""
+        if version is not None:
+            return self.read(self.find(asset, version, partition))
+        return self.read(self.require_latest(asset, partition))
 
     # -- retention ------------------------------------------------------------------------------
 
