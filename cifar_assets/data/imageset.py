@@ -151,7 +151,12 @@ def check_arrays(images: np.ndarray, labels: np.ndarray, where: str) -> None:
 
 def save_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
     """Write arrays atomically: a failed write never leaves a half-written file in place."""
-    replace_atomic(path, lambda tmp: np.savez(tmp, **dict(arrays)))
+
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as handle:  # a file object: np.savez adds no ".npz" to "x.NPZ"
+            np.savez(handle, **dict(arrays))
+
+    replace_atomic(path, write)
 
 
 def load_npz(path: Path) -> dict[str, np.ndarray]:
