@@ -244,6 +244,9 @@ def restart_counting_failures(stack: Stack, service: str, probe: Callable[[], ob
     stack.figures.setdefault("restarts", []).append(
         {
             "service": service,
+            # stop, start and ready again, as stack.sh measures it
+            "restart_s": float(output.rsplit("ready again after", 1)[1].split()[0]),
+            # until the last probe returned (a client's own retries can outlast the restart)
             "seconds": round(time.monotonic() - started, 1),
             "probes": tried,
             "failed_probes": failed,
