@@ -34,6 +34,8 @@ from cifar_assets.settings import get_settings
 
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 DRIFT_STATUS_FILE = "drift_status.json"
+# How long feedback waits for its request to show up in the capture before it is dropped.
+PENDING_FEEDBACK_S = 600.0
 
 
 class MetricsExporter:
@@ -98,6 +100,10 @@ class MetricsExporter:
         self._seen_requests: set[str] = set()
         self._predicted: dict[tuple[str, int], tuple[str, int]] = {}
         self._feedback_offset = 0
+        # Feedback can arrive before the router has written its request to the capture (the
+        # capture is flushed about once a second): kept here, with the time it was first read,
+        # and counted once its request appears; dropped with a log line after PENDING_FEEDBACK_S.
+        self._pending_feedback: list[tuple[float, dict[str, Any]]] = []
         self._correct: dict[str, list[int]] = {}
         self._drift_status: dict[str, Any] | None = None
         self._log = get_logger("metrics")
@@ -162,14 +168,21 @@ class MetricsExporter:
             chunk = handle.read()
         complete = chunk[: chunk.rfind(b"\n") + 1]
         self._feedback_offset += len(complete)
-        for line in complete.splitlines():
-            entry = json.loads(line)
+        now = time.monotonic()
+        entries = self._pending_feedback + [
+            (now, json.loads(line)) for line in complete.splitlines() if line.strip()
+        ]
+        self._pending_feedback = []
+        for first_read, entry in entries:
             served = self._predicted.get((str(entry["request_id"]), int(entry.get("item", 0))))
             if served is None:
-                self._log.debug(
-                    "feedback for a request not seen in the capture",
-                    extra={"request_id": str(entry["request_id"])},
-                )
+                if now - first_read < PENDING_FEEDBACK_S:
+                    self._pending_feedback.append((first_read, entry))
+                else:
+                    self._log.warning(
+                        "feedback for a request never seen in the capture, not counted",
+                        extra={"request_id": str(entry["request_id"])},
+                    )
                 continue
             version, predicted = served
             tally = self._correct.setdefault(version, [0, 0])

@@ -219,3 +219,25 @@ def test_grafana_dashboard_queries_metrics_the_exporter_serves(tmp_path: Path) -
     exporter.ab_requests.labels("1").inc()
     served = {sample.name for metric in exporter.registry.collect() for sample in metric.samples}
     assert queried and queried <= served
+
+
+def test_feedback_read_before_its_request_is_counted_once_the_request_arrives(
+    tmp_path: Path,
+) -> None:
+    """The exporter reads the capture, then the feedback: a request written in between has its
+    feedback read first. That feedback waits for the request instead of being lost."""
+    capture = tmp_path / "capture"
+    (capture / "records").mkdir(parents=True)
+    feedback = {"feedback_time": "2026-12-06T12:00:00+00:00", "request_id": "late", "item": 0}
+    (capture / "feedback.jsonl").write_text(json.dumps(feedback | {"label": 2}) + "\n")
+    exporter = MetricsExporter(capture, tmp_path / "storage")
+    accuracy = exporter.registry.get_sample_value
+    assert exporter.poll() == 0
+    assert accuracy("cifar10_model_accuracy", {"version": "3"}) is None
+    record = {"time": "2026-12-06T12:00:00+00:00", "request_id": "late", "item": 0}
+    record |= {"served_version": 3, "predicted_class": 2, "latency_ms": 4.0}
+    (capture / "records" / "a.jsonl").write_text(json.dumps(record) + "\n")
+    assert exporter.poll() == 1
+    assert accuracy("cifar10_model_accuracy", {"version": "3"}) == 1.0
+    exporter.poll()  # counted once, not again on every poll
+    assert exporter._correct == {"3": [1, 1]}
