@@ -10,6 +10,7 @@ import dagster as dg
 import yaml
 
 from tests.conftest import PROJECT_ROOT, subprocess_env
+from tests.loop import job_execute
 
 CONFIG = {
     "ops": {
@@ -24,17 +25,7 @@ def test_data_job_runs_and_records_materializations_and_checks(
     config_file = tmp_path / "run.yaml"
     config_file.write_text(yaml.safe_dump(CONFIG))
     result = subprocess.run(
-        [
-            str(PROJECT_ROOT / ".venv" / "bin" / "dagster"),
-            "job",
-            "execute",
-            "-m",
-            "cifar_assets.definitions",
-            "-j",
-            "data_job",
-            "-c",
-            str(config_file),
-        ],
+        [str(PROJECT_ROOT / ".venv" / "bin" / "dagster"), *job_execute("data_job", config_file)],
         cwd=PROJECT_ROOT,
         env=subprocess_env(project_env),
         capture_output=True,
@@ -63,17 +54,7 @@ def execute_data_job(
     """`dagster job execute` through scripts/dagster, as a user runs it."""
     config_file.write_text(yaml.safe_dump(config))
     return subprocess.run(
-        [
-            str(PROJECT_ROOT / "scripts" / "dagster"),
-            "job",
-            "execute",
-            "-m",
-            "cifar_assets.definitions",
-            "-j",
-            "data_job",
-            "-c",
-            str(config_file),
-        ],
+        [str(PROJECT_ROOT / "scripts" / "dagster"), *job_execute("data_job", config_file)],
         cwd=PROJECT_ROOT,
         env=subprocess_env(env),
         capture_output=True,

@@ -22,6 +22,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import PROJECT_ROOT, subprocess_env, wait_for_capture, whole_state
+from tests.loop import job_execute
 from tests.serving_fixtures import copy_repository, free_ports
 
 SMALL_RECIPE = {
@@ -42,17 +43,7 @@ JOBS_RUN_HERE = [
 
 
 def execute(env: dict[str, str], job: str, config: Path | None = None, *extra: str) -> str:
-    command = [
-        str(PROJECT_ROOT / "scripts" / "dagster"),
-        "job",
-        "execute",
-        "-m",
-        "cifar_assets.definitions",
-        "-j",
-        job,
-        *(["-c", str(config)] if config else []),
-        *extra,
-    ]
+    command = [str(PROJECT_ROOT / "scripts" / "dagster"), *job_execute(job, config, *extra)]
     result = subprocess.run(
         command,
         cwd=PROJECT_ROOT,

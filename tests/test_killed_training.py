@@ -15,6 +15,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import PROJECT_ROOT, subprocess_env
+from tests.loop import job_execute
 
 RECIPE = {
     "cifar10_raw": {"config": {"source": "synthetic", "num_images": 600, "seed": 3}},
@@ -55,17 +56,7 @@ def test_sigkilled_training_is_marked_failed_by_the_next_training(
     settings = get_settings()
     config = tmp_path / "long.json"
     config.write_text(json.dumps({"ops": RECIPE}))
-    command = [
-        str(PROJECT_ROOT / "scripts" / "dagster"),
-        "job",
-        "execute",
-        "-m",
-        "cifar_assets.definitions",
-        "-j",
-        "main_job",
-        "-c",
-        str(config),
-    ]
+    command = [str(PROJECT_ROOT / "scripts" / "dagster"), *job_execute("main_job", config)]
     env = subprocess_env(project_env | {"CIFAR_PROGRESS_BAR": "0"})
     log = (tmp_path / "execute.log").open("wb")
     job = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=log)
