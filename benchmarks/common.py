@@ -327,17 +327,24 @@ def blocks_apart(blocks: Sequence[list[str]]) -> list[str]:
     return lines
 
 
+def machine_fields(machine_facts: dict[str, Any]) -> dict[str, str]:
+    """The machine's facts as the templates' placeholders (report header and section facts)."""
+    return {
+        "cpu_model": machine_facts["cpu_model"],
+        "usable_cpus": str(machine_facts["usable_cpus"]),
+        "logical_cpus": str(machine_facts["logical_cpus"]),
+        "simd_flags": ", ".join(machine_facts["simd_flags"]),
+        "memory_gib": str(machine_facts["memory_gib"]),
+    }
+
+
 def section_facts(section: dict[str, Any]) -> list[str]:
     """The lines every section ends with: how to reproduce it and under which conditions."""
     machine_facts = section["machine"]
     return Template("facts").lines(
         "facts",
         command=section["command"],
-        cpu_model=machine_facts["cpu_model"],
-        usable_cpus=str(machine_facts["usable_cpus"]),
-        logical_cpus=str(machine_facts["logical_cpus"]),
-        simd_flags=", ".join(machine_facts["simd_flags"]),
-        memory_gib=str(machine_facts["memory_gib"]),
+        **machine_fields(machine_facts),
         python=machine_facts["python"],
         packages=", ".join(f"{k} {v}" for k, v in section["packages"].items()),
         started_at=section["started_at"],

@@ -34,6 +34,7 @@ from common import (
     blocks_apart,
     load_average,
     machine,
+    machine_fields,
     package_versions,
     table,
 )
@@ -230,11 +231,7 @@ def render(results: dict[str, Any]) -> str:
     lines = template.lines(
         "report",
         quick_warning=template.text("quick_warning") if quick else "",
-        cpu_model=run_machine["cpu_model"],
-        usable_cpus=str(run_machine["usable_cpus"]),
-        logical_cpus=str(run_machine["logical_cpus"]),
-        simd_flags=", ".join(run_machine["simd_flags"]),
-        memory_gib=str(run_machine["memory_gib"]),
+        **machine_fields(run_machine),
         kernel=run_machine["kernel"],
         run=run_lines(template, results),
         summary_table=table(["what", "goal", "measured", "met"], goal_rows),

@@ -204,14 +204,6 @@ def imageset_from_arrays(arrays: Mapping[str, np.ndarray]) -> ImageSet:
     return _imageset_of(arrays)
 
 
-def save_imageset(path: Path, imageset: ImageSet) -> None:
-    save_npz(path, imageset_arrays(imageset))
-
-
-def load_imageset(path: Path) -> ImageSet:
-    return imageset_from_arrays(load_npz(path))
-
-
 @dataclass(frozen=True, eq=False)
 class Splits:
     """Stratified train / validation / test image sets."""
@@ -270,11 +262,3 @@ def raw_arrays(raw: RawData) -> dict[str, np.ndarray]:
 def raw_from_arrays(arrays: Mapping[str, np.ndarray]) -> RawData:
     test = _imageset_of(arrays, "test_") if "test_images" in arrays else None
     return RawData(_imageset_of(arrays, "pool_"), test)
-
-
-def save_raw(path: Path, raw: RawData) -> None:
-    save_npz(path, raw_arrays(raw))
-
-
-def load_raw(path: Path) -> RawData:
-    return raw_from_arrays(load_npz(path))
