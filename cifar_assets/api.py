@@ -27,8 +27,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cifar_assets.ml import registry, tracking
-from cifar_assets.ml.registry import AliasMove, ModelVersionInfo, PromotionDecision
+from cifar_assets.ml import tracking
+from cifar_assets.ml.registry import (
+    CHAMPION,
+    AliasMove,
+    ModelVersionInfo,
+    PromotionDecision,
+    Registry,
+)
+from cifar_assets.ml.registry import list_models as registry_list_models
 from cifar_assets.settings import get_settings
 
 if TYPE_CHECKING:
@@ -44,8 +51,8 @@ def _uri(tracking_uri: str | None) -> str:
     return tracking_uri or get_settings().mlflow_tracking_uri
 
 
-def _name(name: str | None) -> str:
-    return name or get_settings().registered_model_name
+def _registry(name: str | None, tracking_uri: str | None) -> Registry:
+    return Registry.from_settings(tracking_uri, name)
 
 
 @contextmanager
@@ -76,9 +83,8 @@ def register(
     tracking_uri: str | None = None,
 ) -> ModelVersionInfo:
     """Register the model saved in ``model_dir`` as a new version (alias ``challenger``)."""
-    return registry.register(
-        _uri(tracking_uri), run_id, model_dir, metrics, data_version, description, tags, _name(name)
-    )
+    models = _registry(name, tracking_uri)
+    return models.register(run_id, model_dir, metrics, data_version, description, tags)
 
 
 def gate(
@@ -90,74 +96,73 @@ def gate(
     tracking_uri: str | None = None,
 ) -> PromotionDecision:
     """Promote ``version`` if it beats the champion on ``metric`` by more than ``margin``."""
-    return registry.gate(_uri(tracking_uri), version, metric, margin, _name(name))
+    return _registry(name, tracking_uri).gate(version, metric, margin)
 
 
 def promote(
     version: int, reason: str, *, name: str | None = None, tracking_uri: str | None = None
 ) -> ModelVersionInfo:
     """Make ``version`` the champion by hand; ``reason`` goes to the alias history."""
-    return registry.promote(_uri(tracking_uri), version, reason, _name(name))
+    return _registry(name, tracking_uri).promote(version, reason)
 
 
 def rollback(
     reason: str, *, name: str | None = None, tracking_uri: str | None = None
 ) -> ModelVersionInfo:
     """Move ``champion`` back to the previous champion."""
-    return registry.rollback(_uri(tracking_uri), reason, _name(name))
+    return _registry(name, tracking_uri).rollback(reason)
 
 
 def load(
-    alias: str = registry.CHAMPION,
+    alias: str = CHAMPION,
     version: int | None = None,
     *,
     name: str | None = None,
     tracking_uri: str | None = None,
 ) -> torch.nn.Module:
     """The network behind ``alias``, or behind ``version`` when given (eval mode)."""
-    if version is not None:
-        return registry.load_model_version(_uri(tracking_uri), version, _name(name))
-    return registry.load_model_by_alias(_uri(tracking_uri), alias, _name(name))
+    models = _registry(name, tracking_uri)
+    return models.load(version) if version is not None else models.load_alias(alias)
 
 
 def load_pyfunc(
-    alias: str = registry.CHAMPION, *, name: str | None = None, tracking_uri: str | None = None
+    alias: str = CHAMPION, *, name: str | None = None, tracking_uri: str | None = None
 ) -> Any:
     """The MLflow pyfunc model behind ``alias``: ``predict(uint8 (N,32,32,3)) -> logits``."""
-    return registry.load_pyfunc(_uri(tracking_uri), alias, _name(name))
+    return _registry(name, tracking_uri).load_pyfunc(alias)
 
 
 def champion(
     *, name: str | None = None, tracking_uri: str | None = None
 ) -> ModelVersionInfo | None:
-    return registry.get_champion(_uri(tracking_uri), _name(name))
+    return _registry(name, tracking_uri).champion()
 
 
 def compare(
     version_a: int, version_b: int, *, name: str | None = None, tracking_uri: str | None = None
 ) -> pd.DataFrame:
     """Metrics of two versions side by side, with ``difference`` = b - a."""
-    return registry.compare_versions(_uri(tracking_uri), version_a, version_b, _name(name))
+    return _registry(name, tracking_uri).compare(version_a, version_b)
 
 
 def list_models(*, tracking_uri: str | None = None) -> pd.DataFrame:
-    return registry.list_models(_uri(tracking_uri))
+    return registry_list_models(_uri(tracking_uri))
 
 
 def list_versions(*, name: str | None = None, tracking_uri: str | None = None) -> pd.DataFrame:
-    return registry.list_versions(_uri(tracking_uri), _name(name))
+    return _registry(name, tracking_uri).versions()
 
 
 def history(*, name: str | None = None, tracking_uri: str | None = None) -> list[AliasMove]:
-    """Every alias move, oldest first (``registry.history_frame`` gives it as a table)."""
-    return registry.alias_history(_uri(tracking_uri), _name(name))
+    """Every alias move, oldest first (``Registry.history_frame`` gives it as a table)."""
+    return _registry(name, tracking_uri).history()
 
 
 def champion_at(
     when: datetime, *, name: str | None = None, tracking_uri: str | None = None
 ) -> int | None:
     """The version that was champion at ``when`` (timezone-aware)."""
-    return registry.champion_at(_uri(tracking_uri), when, _name(name))
+    return _registry(name, tracking_uri).champion_at(when)
 
 
 def export_onnx(model: torch.nn.Module, path: Path, opset: int = 18) -> Path:
@@ -224,7 +229,7 @@ def training_data(
     read back from the asset store by the data version its training run recorded."""
     from cifar_assets.ml.lineage import SPLITS_ASSET, training_splits_version
 
-    version = training_splits_version(_uri(tracking_uri), model_version, _name(name))
+    version = training_splits_version(_registry(name, tracking_uri), model_version)
     splits: Splits = _store(store).load(SPLITS_ASSET, version)
     return splits
 

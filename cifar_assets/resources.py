@@ -15,6 +15,7 @@ import dagster as dg
 from cifar_assets.settings import get_settings
 
 if TYPE_CHECKING:
+    from cifar_assets.ml.registry import Registry
     from cifar_assets.serving.launcher import TritonConfig
     from cifar_assets.serving.rollout import Rollout
     from cifar_assets.storage import AssetStore
@@ -99,6 +100,12 @@ class MLflowResource(dg.ConfigurableResource):
     def registered_model_name(self) -> str:
         return self.model_name or get_settings().registered_model_name
 
+    def registry(self) -> Registry:
+        """The registered model, as one object (cifar_assets.ml.registry imports no mlflow)."""
+        from cifar_assets.ml.registry import Registry
+
+        return Registry(self.uri(), self.registered_model_name())
+
     def artifact_location(self) -> str | None:
         if self.uri().startswith("sqlite:"):
             return get_settings().mlflow_artifact_root.as_uri()
@@ -172,8 +179,7 @@ def rollout_for(mlflow: MLflowResource, server_config: TritonConfig) -> Rollout:
     from cifar_assets.serving.rollout import Rollout
 
     return Rollout(
-        tracking_uri=mlflow.uri(),
-        model_name=mlflow.registered_model_name(),
+        models=mlflow.registry(),
         triton=server_config.http_url,
         repo=server_config.repo,
         state_dir=server_config.state_dir,

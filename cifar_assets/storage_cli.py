@@ -99,9 +99,9 @@ def _diff(parts: list[Any], as_json: bool) -> None:
 
 def _gc(store: Any, keep_last: int, dry_run: bool, model_name: str, as_json: bool) -> None:
     from cifar_assets.ml.lineage import all_lineages
+    from cifar_assets.ml.registry import Registry
 
-    settings = get_settings()
-    lineages = all_lineages(settings.mlflow_tracking_uri, model_name)
+    lineages = all_lineages(Registry(get_settings().mlflow_tracking_uri, model_name))
     plan = store.plan_retention(
         keep_last,
         protected={v for lineage in lineages for v in lineage.inputs.values()},
@@ -154,10 +154,10 @@ def main(argv: list[str] | None = None) -> None:
             _diff(diff(before, after), args.json)
         elif args.command == "training-data":
             from cifar_assets.ml.lineage import SPLITS_ASSET, training_splits_version
+            from cifar_assets.ml.registry import Registry
 
-            version = training_splits_version(
-                settings.mlflow_tracking_uri, args.model_version, model_name
-            )
+            models = Registry(settings.mlflow_tracking_uri, model_name)
+            version = training_splits_version(models, args.model_version)
             record = store.find(SPLITS_ASSET, version)
             splits = store.read(record)
             counts = {name: len(part) for name, part in splits.items()}

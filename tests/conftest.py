@@ -57,6 +57,7 @@ def whole_state() -> dict[str, Any]:
     """The whole lifecycle state for the settings in the environment: MLflow's aliases, the
     router's weights, Triton's live versions and which answer, and every disagreement the
     rollout finds between them (against the running server)."""
+    from cifar_assets.ml.registry import Registry
     from cifar_assets.serving.launcher import TritonConfig
     from cifar_assets.serving.rollout import Rollout
     from cifar_assets.settings import get_settings
@@ -64,8 +65,7 @@ def whole_state() -> dict[str, Any]:
     settings = get_settings()
     config = TritonConfig.from_settings()
     rollout = Rollout(
-        tracking_uri=settings.mlflow_tracking_uri,
-        model_name=settings.registered_model_name,
+        models=Registry(settings.mlflow_tracking_uri, settings.registered_model_name),
         triton=config.http_url,
         repo=config.repo,
         state_dir=config.state_dir,

@@ -23,8 +23,8 @@ from cifar_assets.assets.serving_assets import (
 )
 from cifar_assets.data.splits import stratified_split
 from cifar_assets.data.synthetic import generate_synthetic
-from cifar_assets.ml import registry
 from cifar_assets.ml.model import Architecture, build_resnet18, save_model
+from cifar_assets.ml.registry import Registry
 from cifar_assets.ml.tracking import tracking_run
 from cifar_assets.resources import MLflowResource, TritonResource
 from cifar_assets.serving import repository
@@ -43,13 +43,12 @@ def register_versions(uri: str, tmp_path: Path) -> None:
         model_dir = save_model(build_resnet18(arch), arch, tmp_path / f"m{version}").parent
         with tracking_run(uri, "ab-test", f"train-{version}", {}) as run_id:
             pass
-        registry.register(uri, run_id, model_dir, {"accuracy": 0.5}, "data-v1", alias=None)
+        Registry(uri).register(run_id, model_dir, {"accuracy": 0.5}, "data-v1", alias=None)
 
 
 def rollout_for_test(env: ServingEnv, uri: str) -> Rollout:
     return Rollout(
-        tracking_uri=uri,
-        model_name="cifar10-resnet18",
+        models=Registry(uri, "cifar10-resnet18"),
         triton=env.http_url,
         repo=env.repo,
         state_dir=env.state_dir,
@@ -126,7 +125,7 @@ def test_ab_report_decides_and_promotion_applies_everywhere(
         )
         assert transition.before["champion"] == 1 and transition.after["champion"] == 2
         # The whole state moved: aliases, weights, live versions, what the server answers.
-        assert registry.aliases(uri) == {"champion": 2}
+        assert Registry(uri).aliases() == {"champion": 2}
         assert repository.read_live_versions(state) == [2]
         assert repository.read_ab_weights(state) == {2: 1.0}
         assert rollout.check(server_ready=rollout.server_ready) == []
@@ -160,7 +159,7 @@ def test_use_int8_without_a_kept_int8_model_serves_fp32_and_says_so(
     with tracking_run(uri, "ab-test", "train-3", {}) as run_id:
         pass
     model_dir = save_model(build_resnet18(arch), arch, tmp_path / "m3").parent
-    registry.register(uri, run_id, model_dir, {"accuracy": 0.5}, "data-v1", alias=None)
+    Registry(uri).register(run_id, model_dir, {"accuracy": 0.5}, "data-v1", alias=None)
     rollout_for_test(env, uri).deploy(1, "champion", checked, reason="first", actor="test")
     onnx_model = OnnxModel(
         fp32_path=str(env.onnx[1]),
@@ -202,7 +201,7 @@ def test_use_int8_without_a_kept_int8_model_serves_fp32_and_says_so(
         assert version_info["precision"] == "fp32"
         # The gate kept the champion: v3 is the challenger beside v1, in MLflow and in Triton.
         assert metadata["role"].value == "challenger"
-        assert registry.aliases(uri) == {"champion": 1, "challenger": 3}
+        assert Registry(uri).aliases() == {"champion": 1, "challenger": 3}
         assert repository.read_ab_weights(state) == {1: 0.9, 3: 0.1}
         assert repository.read_live_versions(state) == [1, 3]
         assert infer(splits.test.images[:2], url=env.http_url, version=3).shape == (2, 10)

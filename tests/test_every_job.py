@@ -124,7 +124,7 @@ def run_every_job(env: dict[str, str], tmp_path: Path) -> None:
     from cifar_assets.data.corruptions import corrupt
     from cifar_assets.data.imageset import save_npz
     from cifar_assets.data.synthetic import generate_synthetic
-    from cifar_assets.ml import registry
+    from cifar_assets.ml.registry import Registry
     from cifar_assets.sensors import retraining_run_config
     from cifar_assets.serving.client import infer
     from cifar_assets.serving.launcher import TritonConfig
@@ -177,7 +177,7 @@ def run_every_job(env: dict[str, str], tmp_path: Path) -> None:
 
     # main_job again with a smaller recipe: the gate keeps v1, so v2 serves as challenger only.
     execute(env, "main_job", config_file(tmp_path, "small", SMALL_RECIPE))
-    assert registry.get_version(settings.mlflow_tracking_uri, 2).tags["gate.decision"] == (
+    assert Registry(settings.mlflow_tracking_uri).version(2).tags["gate.decision"] == (
         "not promoted"
     )
     assert whole_state() == {

@@ -21,6 +21,7 @@ from cifar_assets.ml.model import Architecture, build_resnet18, normalise_uint8,
 from cifar_assets.ml.registry import (
     AliasMove,
     PromotionDecision,
+    Registry,
     RegistryLookupError,
     RollbackError,
     decide_promotion,
@@ -57,15 +58,13 @@ def _train_and_register(
     store: Store, name: str, seed: int, accuracy: float, data_version: str = "data-v1"
 ) -> registry.ModelVersionInfo:
     with tracking_run(store.uri, EXPERIMENT, f"train-{name}", {"dagster_run_id": name}) as run:
-        return registry.register(
-            store.uri,
+        return Registry(store.uri, name).register(
             run,
             store.model_dirs[seed],
             {"accuracy": accuracy, "loss": 1.0 - accuracy},
             data_version,
             description=f"seed {seed}",
             tags={"seed": str(seed)},
-            name=name,
             actor="test",
         )
 
@@ -85,14 +84,14 @@ def two_versions(store: Store) -> str:
     name = "loading"
     _train_and_register(store, name, seed=0, accuracy=0.60)
     _train_and_register(store, name, seed=1, accuracy=0.55)
-    registry.promote(store.uri, 1, "first model", name=name, actor="test")
+    Registry(store.uri, name).promote(1, "first model", actor="test")
     return name
 
 
 def _moves(store: Store, name: str) -> list[tuple[str, str, int | None, int | None]]:
     return [
         (move.alias, move.action, move.from_version, move.to_version)
-        for move in registry.alias_history(store.uri, name)
+        for move in Registry(store.uri, name).history()
     ]
 
 
@@ -150,9 +149,9 @@ def test_register_links_run_tags_metrics_and_sets_challenger(store: Store) -> No
     assert run.info.status == "FINISHED"
     assert run.data.tags["dagster_run_id"] == "register"
     # challenger moved from v1 to v2; read through get_registered_model, not the search API
-    assert registry.get_version(store.uri, 1, "register").aliases == ()
+    assert Registry(store.uri, "register").version(1).aliases == ()
     assert second.aliases == ("challenger",)
-    versions = registry.list_versions(store.uri, "register")
+    versions = Registry(store.uri, "register").versions()
     assert versions["version"].tolist() == [1, 2]
     assert versions["aliases"].tolist() == [[], ["challenger"]]
     assert versions["run_id"].tolist() == [first.run_id, second.run_id]
@@ -161,8 +160,8 @@ def test_register_links_run_tags_metrics_and_sets_challenger(store: Store) -> No
         ("challenger", "set", None, 1),
         ("challenger", "moved", 1, 2),
     ]
-    assert registry.get_champion(store.uri, "register") is None
-    assert registry.version_url(store.uri, 2, "register") == (
+    assert Registry(store.uri, "register").champion() is None
+    assert Registry(store.uri, "register").url(2) == (
         "http://127.0.0.1:5000/#/models/register/versions/2"
     )
     models = registry.list_models(store.uri)
@@ -174,40 +173,40 @@ def test_gate_promotion_history_champion_at_and_rollback(store: Store) -> None:
     name = "gate"
     before_anything = datetime.now(UTC)
     first = _train_and_register(store, name, seed=0, accuracy=0.80)
-    decision = registry.gate(store.uri, first.version, margin=0.01, name=name, actor="gate")
+    decision = Registry(store.uri, name).gate(first.version, margin=0.01, actor="gate")
     assert decision.promote and decision.reason.startswith("no champion yet")
-    assert registry.get_version(store.uri, 1, name).aliases == ("champion",)
+    assert Registry(store.uri, name).version(1).aliases == ("champion",)
     first_champion_time = datetime.now(UTC)
 
     # Better by less than the margin: stays challenger, and the reason is on the version.
     second = _train_and_register(store, name, seed=1, accuracy=0.805)
-    decision = registry.gate(store.uri, second.version, margin=0.01, name=name, actor="gate")
+    decision = Registry(store.uri, name).gate(second.version, margin=0.01, actor="gate")
     assert not decision.promote
-    second_info = registry.get_version(store.uri, 2, name)
+    second_info = Registry(store.uri, name).version(2)
     assert second_info.aliases == ("challenger",)
     assert second_info.tags["gate.decision"] == "not promoted"
     assert second_info.tags["gate.reason"] == decision.reason
     assert "gain +0.0050, required > 0.0100" in decision.reason
-    champion = registry.get_champion(store.uri, name)
+    champion = Registry(store.uri, name).champion()
     assert champion is not None and champion.version == 1
 
     # Better by more than the margin: promoted, and it stops being the challenger.
-    decision = registry.gate(store.uri, second.version, margin=0.001, name=name, actor="gate")
+    decision = Registry(store.uri, name).gate(second.version, margin=0.001, actor="gate")
     assert decision.promote
-    assert registry.get_version(store.uri, 2, name).aliases == ("champion",)
-    assert registry.get_version(store.uri, 1, name).aliases == ()
+    assert Registry(store.uri, name).version(2).aliases == ("champion",)
+    assert Registry(store.uri, name).version(1).aliases == ()
     second_champion_time = datetime.now(UTC)
 
-    comparison = registry.compare_versions(store.uri, 1, 2, name).set_index("metric")
+    comparison = Registry(store.uri, name).compare(1, 2).set_index("metric")
     assert comparison.loc["accuracy", "v1"] == 0.80
     assert comparison.loc["accuracy", "v2"] == 0.805
     assert comparison.loc["accuracy", "difference"] == pytest.approx(0.005)
 
-    rolled_back = registry.rollback(store.uri, "v2 misbehaves", name=name, actor="oncall")
+    rolled_back = Registry(store.uri, name).rollback("v2 misbehaves", actor="oncall")
     assert rolled_back.version == 1
     assert rolled_back.aliases == ("champion",)
 
-    history = registry.alias_history(store.uri, name)
+    history = Registry(store.uri, name).history()
     assert [(m.alias, m.action, m.from_version, m.to_version) for m in history] == [
         ("challenger", "set", None, 1),
         ("champion", "set", None, 1),
@@ -223,50 +222,50 @@ def test_gate_promotion_history_champion_at_and_rollback(store: Store) -> None:
     assert all(earlier.when < later.when for earlier, later in pairwise(history))
     assert all(move.when.tzinfo is not None for move in history)
 
-    assert registry.champion_at(store.uri, before_anything, name) is None
-    assert registry.champion_at(store.uri, first_champion_time, name) == 1
-    assert registry.champion_at(store.uri, second_champion_time, name) == 2
-    assert registry.champion_at(store.uri, datetime.now(UTC) + timedelta(days=1), name) == 1
+    assert Registry(store.uri, name).champion_at(before_anything) is None
+    assert Registry(store.uri, name).champion_at(first_champion_time) == 1
+    assert Registry(store.uri, name).champion_at(second_champion_time) == 2
+    assert Registry(store.uri, name).champion_at(datetime.now(UTC) + timedelta(days=1)) == 1
     with pytest.raises(ValueError, match="naive datetime"):
-        registry.champion_at(store.uri, datetime.now(), name)
+        Registry(store.uri, name).champion_at(datetime.now())
 
     # v1 was the first champion: nothing earlier to roll back to.
     with pytest.raises(RollbackError, match=r"no earlier champion.*current champion: v1"):
-        registry.rollback(store.uri, "again", name=name)
-    frame = registry.history_frame(store.uri, name)
+        Registry(store.uri, name).rollback("again")
+    frame = Registry(store.uri, name).history_frame()
     assert frame["to_version"].tolist()[-1] == 1
 
 
 def test_gate_uses_champion_metrics_measured_on_the_same_split(store: Store) -> None:
     name = "same-split"
     _train_and_register(store, name, seed=0, accuracy=0.90)
-    registry.promote(store.uri, 1, "first", name=name, actor="test")
+    Registry(store.uri, name).promote(1, "first", actor="test")
     candidate = _train_and_register(store, name, seed=1, accuracy=0.85)
     # Against the stored 0.90 the candidate loses; re-measured on the candidate's split the
     # champion reaches only 0.80, so the candidate wins there.
     assert not registry.decide_promotion({"accuracy": 0.85}, {"accuracy": 0.90}).promote
-    decision = registry.gate(
-        store.uri, candidate.version, name=name, champion_metrics={"accuracy": 0.80}
+    decision = Registry(store.uri, name).gate(
+        candidate.version, champion_metrics={"accuracy": 0.80}
     )
     assert decision.promote
-    assert registry.get_version(store.uri, candidate.version, name).aliases == ("champion",)
+    assert Registry(store.uri, name).version(candidate.version).aliases == ("champion",)
 
 
 def test_rolling_back_twice_goes_back_two_releases(store: Store) -> None:
     name = "rollback"
     for seed, accuracy in ((0, 0.5), (1, 0.6), (0, 0.7)):
         version = _train_and_register(store, name, seed=seed, accuracy=accuracy)
-        registry.promote(store.uri, version.version, f"release {accuracy}", name=name)
+        Registry(store.uri, name).promote(version.version, f"release {accuracy}")
     # Promoting the current champion again moves nothing and records nothing.
-    moves_before = len(registry.alias_history(store.uri, name))
-    registry.promote(store.uri, 3, "same again", name=name)
-    assert len(registry.alias_history(store.uri, name)) == moves_before
+    moves_before = len(Registry(store.uri, name).history())
+    Registry(store.uri, name).promote(3, "same again")
+    assert len(Registry(store.uri, name).history()) == moves_before
 
-    assert registry.rollback(store.uri, "bad release", name=name).version == 2
-    assert registry.rollback(store.uri, "also bad", name=name).version == 1
+    assert Registry(store.uri, name).rollback("bad release").version == 2
+    assert Registry(store.uri, name).rollback("also bad").version == 1
     with pytest.raises(RollbackError):
-        registry.rollback(store.uri, "nothing left", name=name)
-    champion_moves = registry.alias_history(store.uri, name, alias="champion")
+        Registry(store.uri, name).rollback("nothing left")
+    champion_moves = Registry(store.uri, name).history(alias="champion")
     assert [(m.from_version, m.to_version) for m in champion_moves] == [
         (None, 1),
         (1, 2),
@@ -281,9 +280,9 @@ def test_load_by_alias_and_version_predicts_like_the_saved_model(
     store: Store, two_versions: str
 ) -> None:
     images = _images()
-    champion = registry.load_model_by_alias(store.uri, "champion", two_versions)
-    challenger = registry.load_model_by_alias(store.uri, "challenger", two_versions)
-    second = registry.load_model_version(store.uri, 2, two_versions)
+    champion = Registry(store.uri, two_versions).load_alias("champion")
+    challenger = Registry(store.uri, two_versions).load_alias("challenger")
+    second = Registry(store.uri, two_versions).load(2)
 
     assert not champion.training
     assert torch.equal(_logits(champion, images), _logits(store.networks[0], images))
@@ -301,7 +300,7 @@ def test_pyfunc_loads_from_models_uri_with_uint8_input(store: Store, two_version
     assert logits.shape == (4, 10) and logits.dtype == np.float32
     np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-6)
 
-    challenger = registry.load_pyfunc(store.uri, "challenger", two_versions)
+    challenger = Registry(store.uri, two_versions).load_pyfunc("challenger")
     np.testing.assert_allclose(
         challenger.predict(images), _logits(store.networks[1], images).numpy(), atol=1e-6
     )
@@ -311,8 +310,8 @@ def test_pyfunc_loads_from_models_uri_with_uint8_input(store: Store, two_version
 
 
 def test_failed_training_run_leaves_registry_untouched(store: Store, two_versions: str) -> None:
-    versions_before = registry.list_versions(store.uri, two_versions)
-    history_before = registry.alias_history(store.uri, two_versions)
+    versions_before = Registry(store.uri, two_versions).versions()
+    history_before = Registry(store.uri, two_versions).history()
 
     with (
         pytest.raises(RuntimeError, match="out of memory"),
@@ -322,44 +321,39 @@ def test_failed_training_run_leaves_registry_untouched(store: Store, two_version
 
     assert client_for(store.uri).get_run(run_id).info.status == "FAILED"
     with pytest.raises(ValueError, match=rf"run {run_id} ended FAILED"):
-        registry.register(
-            store.uri, run_id, store.model_dirs[0], {"accuracy": 0.99}, "d", name=two_versions
+        Registry(store.uri, two_versions).register(
+            run_id, store.model_dirs[0], {"accuracy": 0.99}, "d"
         )
-    after = registry.list_versions(store.uri, two_versions)
+    after = Registry(store.uri, two_versions).versions()
     assert after[["version", "aliases", "run_id"]].equals(
         versions_before[["version", "aliases", "run_id"]]
     )
-    assert registry.alias_history(store.uri, two_versions) == history_before
-    champion = registry.get_champion(store.uri, two_versions)
+    assert Registry(store.uri, two_versions).history() == history_before
+    champion = Registry(store.uri, two_versions).champion()
     assert champion is not None and champion.version == 1
 
 
 def test_errors_name_what_exists(store: Store, two_versions: str, tmp_path: Path) -> None:
     with pytest.raises(RegistryLookupError, match=r"No registered model 'nope'.*loading"):
-        registry.get_champion(store.uri, "nope")
+        Registry(store.uri, "nope").champion()
     with pytest.raises(RegistryLookupError, match=r"no version 9 \(versions: 1, 2\)"):
-        registry.load_model_version(store.uri, 9, two_versions)
+        Registry(store.uri, two_versions).load(9)
     with pytest.raises(
         RegistryLookupError,
         match=r"no alias 'staging' \(aliases: challenger -> v2, champion -> v1\)",
     ):
-        registry.load_model_by_alias(store.uri, "staging", two_versions)
+        Registry(store.uri, two_versions).load_alias("staging")
     with tracking_run(store.uri, EXPERIMENT, "bad-register", {}) as run_id:
         with pytest.raises(FileNotFoundError, match=r"empty/model\.safetensors is missing"):
-            registry.register(store.uri, run_id, tmp_path / "empty", {}, "d", name=two_versions)
+            Registry(store.uri, two_versions).register(run_id, tmp_path / "empty", {}, "d")
         with pytest.raises(ValueError, match=r"'accuracy'=nan is not finite"):
-            registry.register(
-                store.uri,
-                run_id,
-                store.model_dirs[0],
-                {"accuracy": float("nan")},
-                "d",
-                name=two_versions,
+            Registry(store.uri, two_versions).register(
+                run_id, store.model_dirs[0], {"accuracy": float("nan")}, "d"
             )
     with pytest.raises(RegistryLookupError, match="does not exist"):
-        registry.register(store.uri, "0" * 32, store.model_dirs[0], {}, "d", name=two_versions)
+        Registry(store.uri, two_versions).register("0" * 32, store.model_dirs[0], {}, "d")
     with pytest.raises(ValueError, match="needs a reason"):
-        registry.promote(store.uri, 2, " ", name=two_versions)
+        Registry(store.uri, two_versions).promote(2, " ")
 
 
 def test_notebook_api_uses_settings(

@@ -13,6 +13,7 @@ import pytest
 
 from cifar_assets.ml import registry
 from cifar_assets.ml.model import Architecture, build_resnet18, save_model
+from cifar_assets.ml.registry import Registry
 from cifar_assets.ml.tracking import tracking_run
 from cifar_assets.serving import repository
 from cifar_assets.serving.client import infer_ab
@@ -29,7 +30,7 @@ def registered(uri: str, tmp_path: Path, versions: int) -> None:
         model_dir = save_model(build_resnet18(arch), arch, tmp_path / f"m{number}").parent
         with tracking_run(uri, "rollout-test", f"train-{number}", {}) as run_id:
             pass
-        registry.register(uri, run_id, model_dir, {"accuracy": 0.5}, "data", alias=None)
+        Registry(uri).register(run_id, model_dir, {"accuracy": 0.5}, "data", alias=None)
 
 
 def evidence() -> dict[str, Any]:
@@ -83,8 +84,7 @@ def test_transitions_move_registry_and_serving_together(
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     registered(uri, tmp_path, 2)
     rollout = Rollout(
-        tracking_uri=uri,
-        model_name=MODEL,
+        models=Registry(uri, MODEL),
         triton=env.http_url,
         repo=env.repo,
         state_dir=env.state_dir,
@@ -148,7 +148,7 @@ def test_transitions_move_registry_and_serving_together(
     assert done[3]["before"]["champion"] == 2 and done[3]["after"]["champion"] == 1
     # A failed check happens before the transition starts: nothing moved, nothing to undo.
     assert [r["phase"] for r in rollout.journal()].count("failed") == 0
-    moves = registry.alias_history(uri, MODEL, alias=registry.CHAMPION)
+    moves = Registry(uri, MODEL).history(alias=registry.CHAMPION)
     assert [(m.from_version, m.to_version) for m in moves] == [(None, 1), (1, 2), (2, 1)]
 
 
@@ -161,8 +161,7 @@ def test_a_crash_mid_transition_is_completed_by_reconcile(
 
     def make() -> Rollout:
         return Rollout(
-            tracking_uri=uri,
-            model_name=MODEL,
+            models=Registry(uri, MODEL),
             triton=env.http_url,
             repo=env.repo,
             state_dir=env.state_dir,

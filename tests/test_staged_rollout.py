@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cifar_assets.ml import registry
 from cifar_assets.ml.model import Architecture, build_resnet18, save_model
+from cifar_assets.ml.registry import Registry
 from cifar_assets.ml.tracking import tracking_run
 from cifar_assets.serving import repository
 from cifar_assets.serving.capture import read_shadow, record_feedbacks
@@ -75,10 +75,9 @@ def setup_versions(env: ServingEnv, tmp_path: Path, files: dict[int, Path]) -> R
         model_dir = save_model(build_resnet18(arch), arch, tmp_path / f"m{version}").parent
         with tracking_run(uri, "rollout", f"train-{version}", {}) as run_id:
             pass
-        registry.register(uri, run_id, model_dir, {"accuracy": 0.5}, "data", alias=None)
+        Registry(uri).register(run_id, model_dir, {"accuracy": 0.5}, "data", alias=None)
     rollout = Rollout(
-        tracking_uri=uri,
-        model_name=MODEL,
+        models=Registry(uri, MODEL),
         triton=env.http_url,
         repo=env.repo,
         state_dir=env.state_dir,
@@ -245,11 +244,11 @@ def test_rollout_sensor_asks_and_ab_test_report_moves_the_stage(
     same = tmp_path / "same.onnx"
     shutil.copy(onnx_models[1], same)
     rollout = setup_versions(env, tmp_path, {1: onnx_models[1], 2: onnx_models[2], 3: same})
-    point_settings_at(env, rollout.tracking_uri, monkeypatch)
+    point_settings_at(env, rollout.models.uri, monkeypatch)
     plan = RolloutPlan(shadow_requests=40, steps=(0.25,), min_requests=20)
     rollout.deploy(3, "challenger", lambda: {}, reason="sensor test", actor="test", plan=plan)
     resources = {
-        "mlflow": MLflowResource(tracking_uri=rollout.tracking_uri),
+        "mlflow": MLflowResource(tracking_uri=rollout.models.uri),
         "triton": TritonResource(),
     }
 
@@ -279,7 +278,7 @@ def test_rollout_sensor_asks_and_ab_test_report_moves_the_stage(
         context=dg.build_asset_context(),
         config=ABTestConfig(apply_rollout=True),
         triton=TritonResource(),
-        mlflow=MLflowResource(tracking_uri=rollout.tracking_uri),
+        mlflow=MLflowResource(tracking_uri=rollout.models.uri),
         triton_deployment=TritonDeployment("cifar10_resnet18", 3, [1, 3], "", ""),
     )
     metadata = output.metadata

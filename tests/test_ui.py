@@ -169,8 +169,9 @@ def test_dagster_ui_shows_assets_and_runs_the_data_job(
 def test_mlflow_ui_shows_the_registered_model(
     browser, project_env: dict[str, str], tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
-    from cifar_assets.ml import registry, tracking
+    from cifar_assets.ml import tracking
     from cifar_assets.ml.model import Architecture, build_resnet18, save_model
+    from cifar_assets.ml.registry import Registry
     from cifar_assets.settings import get_settings
 
     settings = get_settings()
@@ -185,10 +186,10 @@ def test_mlflow_ui_shows_the_registered_model(
         settings.mlflow_artifact_root.as_uri(),
     ) as run_id:
         pass
-    version = registry.register(
-        settings.mlflow_tracking_uri, run_id, model_dir, {"accuracy": 0.5}, "data-v1"
+    version = Registry(settings.mlflow_tracking_uri).register(
+        run_id, model_dir, {"accuracy": 0.5}, "data-v1"
     )
-    registry.promote(settings.mlflow_tracking_uri, version.version, "ui test")
+    Registry(settings.mlflow_tracking_uri).promote(version.version, "ui test")
 
     (port,) = free_ports(1)
     base = f"http://127.0.0.1:{port}"

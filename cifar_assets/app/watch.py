@@ -66,11 +66,11 @@ class DriftReportFile:
 def lifecycle(config: AppConfig, transitions: int = 5) -> LifecycleView:
     """The rollout's state as its owner reads it; a registry or state file that cannot be read
     becomes ``error``, in words, instead of an exception."""
+    from cifar_assets.ml.registry import Registry
     from cifar_assets.serving.rollout import Rollout
 
     rollout = Rollout(
-        tracking_uri=config.tracking_uri,
-        model_name=config.model_name,
+        models=Registry(config.tracking_uri, config.model_name),
         triton=config.triton_url,
         repo=config.triton_repo,
         state_dir=config.state_dir,

@@ -135,8 +135,7 @@ def drift_report(
         check = check_incoming_batch(
             incoming_batch,
             batch,
-            tracking_uri=mlflow.uri(),
-            model_name=mlflow.registered_model_name(),
+            models=mlflow.registry(),
             storage_dir=storage_dir,
             out_dir=storage_dir / "drift_report" / batch,
             run_tags={"dagster_run_id": context.run_id}

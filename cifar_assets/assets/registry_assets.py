@@ -43,11 +43,10 @@ def registered_model(
 ) -> dg.Output[RegisteredModel]:
     from pathlib import Path
 
-    from cifar_assets.ml import registry, tracking
+    from cifar_assets.ml import tracking
 
-    name = mlflow.registered_model_name()
-    version = registry.register(
-        mlflow.uri(),
+    models = mlflow.registry()
+    version = models.register(
         run_id=trained_model.mlflow_run_id,
         model_dir=Path(trained_model.model_dir),
         metrics=model_evaluation.metrics,
@@ -55,31 +54,25 @@ def registered_model(
         description=f"ResNet18 ({trained_model.stem} stem), {trained_model.epochs} epochs, "
         f"Dagster run {context.run_id}",
         tags={"dagster_run_id": context.run_id},
-        name=name,
         alias=None,
     )
     if config.promote_automatically:
         # The champion was re-evaluated on this run's test split: the gate compares like with like.
-        decision = registry.gate(
-            mlflow.uri(),
+        decision = models.gate(
             version.version,
             metric=config.gate_metric,
             margin=config.promotion_margin,
-            name=name,
             champion_metrics=model_evaluation.champion_metrics,
             apply=False,
         )
     else:
-        decision = registry.hold_as_challenger(
-            mlflow.uri(),
-            version.version,
-            reason="retraining run: stays challenger until the A/B test decides",
-            name=name,
+        decision = models.hold_as_challenger(
+            version.version, reason="retraining run: stays challenger until the A/B test decides"
         )
     context.log.info(f"Version {version.version}: {decision.reason}")
     return versioned_output(
         RegisteredModel(
-            name=name,
+            name=models.name,
             version=int(version.version),
             mlflow_run_id=trained_model.mlflow_run_id,
             is_champion=decision.promote,
@@ -87,7 +80,7 @@ def registered_model(
             metrics=model_evaluation.metrics,
         ),
         metadata={
-            "model_name": name,
+            "model_name": models.name,
             "version": int(version.version),
             "role": "champion" if decision.promote else "challenger",
             "decision": decision.reason,

@@ -148,8 +148,7 @@ def model_evaluation(
         cifar10_splits.test.images,
         cifar10_splits.test.labels,
         get_settings().storage_dir / "model_evaluation" / run_id,
-        tracking_uri=mlflow.uri(),
-        model_name=mlflow.registered_model_name(),
+        models=mlflow.registry(),
         run_id=run_id,
         log=context.log.info,
     )

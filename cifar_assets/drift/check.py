@@ -14,10 +14,13 @@ import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cifar_assets.data.imageset import ImageSet
 from cifar_assets.drift.report import DriftReport
+
+if TYPE_CHECKING:
+    from cifar_assets.ml.registry import Registry
 
 
 class NoDetectorsError(RuntimeError):
@@ -49,8 +52,7 @@ def check_incoming_batch(
     batch: ImageSet,
     batch_name: str,
     *,
-    tracking_uri: str,
-    model_name: str,
+    models: Registry,
     storage_dir: Path,
     out_dir: Path,
     run_tags: Mapping[str, str],
@@ -67,14 +69,15 @@ def check_incoming_batch(
     )
     from cifar_assets.drift.report import check_batch, drift_overview_png, feature_distribution_png
     from cifar_assets.metrics import write_drift_status
-    from cifar_assets.ml import registry, tracking
+    from cifar_assets.ml import tracking
     from cifar_assets.ml.embeddings import embed, predict_proba
     from cifar_assets.ml.model import load_model
+    from cifar_assets.ml.registry import CHAMPION
 
-    champion = registry.aliases(tracking_uri, model_name).get(registry.CHAMPION)
+    champion = models.aliases().get(CHAMPION)
     if champion is None:
         raise NoDetectorsError(
-            f"{model_name} has no champion in {tracking_uri}, so there are no detectors to check "
+            f"{models.name} has no champion in {models.uri}, so there are no detectors to check "
             "this batch with: run main_job first."
         )
     directory = baseline_dir(storage_dir, champion)
@@ -107,8 +110,8 @@ def check_incoming_batch(
             out_dir / "moved_features.png",
         )
     run_id = tracking.log_monitoring_run(
-        tracking_uri,
-        model_name,
+        models.uri,
+        models.name,
         run_name=f"drift-{batch_name}",
         tags={"kind": "drift_report", "batch": batch_name, "model_version": report.model_version}
         | dict(run_tags),

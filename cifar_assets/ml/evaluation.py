@@ -20,6 +20,7 @@ from cifar_assets.progress import ProgressReporter
 if TYPE_CHECKING:
     import torch
 
+    from cifar_assets.ml.registry import Registry
     from cifar_assets.ml.training import EpochMetrics
 
 ECE_BINS = 15
@@ -360,33 +361,33 @@ def evaluate_against_champion(
     labels: np.ndarray,
     out_dir: Path,
     *,
-    tracking_uri: str,
-    model_name: str,
+    models: Registry,
     run_id: str,
     log: Callable[[str], None] = print,
 ) -> ModelEvaluationRun:
     """Evaluate the model saved in ``model_dir`` (and MLflow's champion, when there is one) on
     ``images``; write the confusion matrix and per-class accuracy into ``out_dir`` and log the
     test metrics (``test_<name>``) and plots to the MLflow run ``run_id``."""
-    from cifar_assets.ml import registry, tracking
+    from cifar_assets.ml import tracking
     from cifar_assets.ml.model import load_model
+    from cifar_assets.ml.registry import RegistryLookupError
 
     evaluation = evaluate(predict_logits(load_model(model_dir), images, log=log), labels)
     out_dir.mkdir(parents=True, exist_ok=True)
     confusion = confusion_matrix_png(evaluation, out_dir / "confusion_matrix.png")
     per_class = per_class_accuracy_png(evaluation, out_dir / "per_class_accuracy.png")
     tracking.log_epoch_metrics(
-        tracking_uri, run_id, 0, {f"test_{k}": v for k, v in evaluation.scalars().items()}
+        models.uri, run_id, 0, {f"test_{k}": v for k, v in evaluation.scalars().items()}
     )
     for plot in (confusion, per_class):
-        tracking.log_artifact(tracking_uri, run_id, plot, "plots")
+        tracking.log_artifact(models.uri, run_id, plot, "plots")
     try:
-        champion = registry.get_champion(tracking_uri, name=model_name)
-    except registry.RegistryLookupError:  # nothing registered yet: the first model
+        champion = models.champion()
+    except RegistryLookupError:  # nothing registered yet: the first model
         champion = None
     if champion is None:
         return ModelEvaluationRun(evaluation, confusion, per_class)
-    champion_model = registry.load_model_version(tracking_uri, champion.version, name=model_name)
+    champion_model = models.load(champion.version)
     champion_evaluation = evaluate(predict_logits(champion_model, images, log=log), labels)
     delta = evaluation.accuracy - champion_evaluation.accuracy
     log(f"Accuracy against champion v{champion.version}: {delta:+.4f}")

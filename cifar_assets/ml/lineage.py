@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cifar_assets.ml import registry, tracking
+from cifar_assets.ml import tracking
+from cifar_assets.ml.registry import Registry, RegistryLookupError, list_models
 from cifar_assets.storage import DATA_VERSION_TAG
 
 SPLITS_ASSET = "cifar10_splits"
@@ -28,12 +29,12 @@ class ModelLineage:
     inputs: dict[str, str] = field(default_factory=dict)  # asset -> data version
 
 
-def model_lineage(tracking_uri: str, version: int, name: str) -> ModelLineage:
+def model_lineage(models: Registry, version: int) -> ModelLineage:
     """The inputs (asset -> data version) and the Dagster run of one registered version."""
-    info = registry.get_version(tracking_uri, version, name)
+    info = models.version(version)
     if info.run_id is None:
         return ModelLineage(version, "", "", {})
-    tags = tracking.client_for(tracking_uri).get_run(info.run_id).data.tags
+    tags = tracking.client_for(models.uri).get_run(info.run_id).data.tags
     inputs = {
         key[len(DATA_VERSION_TAG) :]: value
         for key, value in tags.items()
@@ -45,24 +46,24 @@ def model_lineage(tracking_uri: str, version: int, name: str) -> ModelLineage:
     return ModelLineage(version, info.run_id, tags.get("dagster_run_id", ""), inputs)
 
 
-def all_lineages(tracking_uri: str, name: str) -> list[ModelLineage]:
-    """The lineage of every registered version of ``name``: none while the registry holds no
-    model at all; a RegistryLookupError when it holds others but not ``name`` (a wrong name must
+def all_lineages(models: Registry) -> list[ModelLineage]:
+    """The lineage of every registered version of the model: none while the registry holds no
+    model at all; a RegistryLookupError when it holds others but not this one (a wrong name must
     not leave retention believing nothing is referred to)."""
     try:
-        frame = registry.list_versions(tracking_uri, name)
-    except registry.RegistryLookupError:
-        if registry.list_models(tracking_uri).empty:
+        frame = models.versions()
+    except RegistryLookupError:
+        if list_models(models.uri).empty:
             return []
         raise
-    return [model_lineage(tracking_uri, int(v), name) for v in frame["version"]]
+    return [model_lineage(models, int(v)) for v in frame["version"]]
 
 
-def training_splits_version(tracking_uri: str, version: int, name: str) -> str:
-    lineage = model_lineage(tracking_uri, version, name)
+def training_splits_version(models: Registry, version: int) -> str:
+    lineage = model_lineage(models, version)
     if SPLITS_ASSET not in lineage.inputs:
         raise LineageError(
-            f"Model {name} version {version} (MLflow run {lineage.run_id}) records no data "
+            f"Model {models.name} version {version} (MLflow run {lineage.run_id}) records no data "
             f"version of {SPLITS_ASSET}: it was not trained by the trained_model asset, so its "
             "training data is unknown."
         )

@@ -28,6 +28,7 @@ from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
 
+from cifar_assets.ml.registry import Registry
 from cifar_assets.serving import repository
 from cifar_assets.serving.launcher import (
     Orphans,
@@ -97,8 +98,7 @@ LIFECYCLE_COMMANDS = {
 def _rollout(config: TritonConfig) -> Rollout:
     settings = get_settings()
     return Rollout(
-        tracking_uri=settings.mlflow_tracking_uri,
-        model_name=settings.registered_model_name,
+        models=Registry(settings.mlflow_tracking_uri, settings.registered_model_name),
         triton=config.http_url,
         repo=config.repo,
         state_dir=config.state_dir,

@@ -190,14 +190,12 @@ class Rollout:
     def __init__(
         self,
         *,
-        tracking_uri: str,
-        model_name: str,
+        models: registry.Registry,
         triton: Any,
         repo: Path,
         state_dir: Path,
     ) -> None:
-        self.tracking_uri = tracking_uri
-        self.model_name = model_name
+        self.models = models
         self.triton = triton
         self.repo = repo
         self.state_dir = state_dir
@@ -248,7 +246,7 @@ class Rollout:
         write_json_atomic(self.state_dir / SHADOW_FILE, value)
 
     def state(self) -> LifecycleState:
-        aliases = registry.aliases(self.tracking_uri, self.model_name)
+        aliases = self.models.aliases()
         settings = self._settings()
         return LifecycleState(
             champion=aliases.get(registry.CHAMPION),
@@ -483,7 +481,7 @@ class Rollout:
 
     def _set_aliases(self, aliases: Mapping[str, int | None], reason: str, actor: str) -> None:
         for alias, version in aliases.items():
-            registry.set_alias(self.tracking_uri, self.model_name, alias, version, reason, actor)
+            self.models.set_alias(alias, version, reason, actor)
 
     # -----------------------------------------------------------------------------------------
     # Transitions
@@ -630,10 +628,10 @@ class Rollout:
         with self._locked():
             self._finish_unfinished(actor)
             current = self.state()
-            previous = registry.previous_champion(self.tracking_uri, self.model_name)
+            previous = self.models.previous_champion()
             if previous is None:
                 raise RolloutError(
-                    f"{self.model_name} has no earlier champion to roll back to (champion: "
+                    f"{self.models.name} has no earlier champion to roll back to (champion: "
                     f"{_label(current.champion)}). Promote a version explicitly instead."
                 )
             if previous not in current.verified:
