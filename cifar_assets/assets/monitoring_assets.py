@@ -2,7 +2,7 @@
 (one dynamic partition per batch of production data) and ``drift_report`` (per batch)."""
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 from pydantic import Field
@@ -20,6 +20,9 @@ from cifar_assets.assets.metadata import image, input_version_tags, table, versi
 from cifar_assets.data.imageset import ImageSet, Splits
 from cifar_assets.resources import MLflowResource, TritonResource, rollout_for
 from cifar_assets.settings import get_settings
+
+if TYPE_CHECKING:
+    from cifar_assets.serving.ab_test import ABTestRun
 
 MONITORING_GROUP = "monitoring"
 INCOMING_PARTITIONS = "incoming_batches"
@@ -127,8 +130,10 @@ def drift_report(
     import pandas as pd
 
     from cifar_assets.drift.check import NoDetectorsError, check_incoming_batch
+    from cifar_assets.jobs import end_orphaned_mlflow_runs
     from cifar_assets.ml import tracking
 
+    end_orphaned_mlflow_runs(context.instance, mlflow, context.log)
     batch = context.partition_key
     storage_dir = get_settings().storage_dir
     try:
@@ -198,11 +203,11 @@ def ab_test_report(
     mlflow: MLflowResource,
     triton_deployment: TritonDeployment,
 ) -> dg.Output[ABTestSummary]:
-    import pandas as pd
-
+    from cifar_assets.jobs import end_orphaned_mlflow_runs
     from cifar_assets.ml import tracking
     from cifar_assets.serving.ab_test import NoABTestError, log_ab_run, run_ab_test
 
+    end_orphaned_mlflow_runs(context.instance, mlflow, context.log)
     server = triton.server_config()
     try:
         run = run_ab_test(
@@ -217,6 +222,24 @@ def ab_test_report(
         )
     except NoABTestError as error:
         raise dg.Failure(str(error)) from error
+    metadata = _ab_metadata(run)
+    run_id = log_ab_run(
+        run,
+        tracking_uri=mlflow.uri(),
+        model_name=mlflow.registered_model_name(),
+        params={"alpha": config.alpha, "min_effect": config.min_effect},
+        tags={"dagster_run_id": context.run_id}
+        | input_version_tags(triton_deployment=triton_deployment),
+        artifact_location=mlflow.artifact_location(),
+    )
+    metadata["mlflow_run"] = dg.MetadataValue.url(tracking.run_url(mlflow.uri(), run_id))
+    return versioned_output(run.summary, metadata=metadata)
+
+
+def _ab_metadata(run: "ABTestRun") -> dict[str, Any]:
+    """The report's figures and, during a staged rollout, the stage's gates and verdict."""
+    import pandas as pd
+
     metadata: dict[str, Any] = {}
     if run.report is not None:
         report = run.report
@@ -245,14 +268,4 @@ def ab_test_report(
             metadata["gates"] = table(pd.DataFrame([vars(gate) for gate in judgement.gates]))
         if run.transition is not None:
             metadata["transition"] = run.transition
-    run_id = log_ab_run(
-        run,
-        tracking_uri=mlflow.uri(),
-        model_name=mlflow.registered_model_name(),
-        params={"alpha": config.alpha, "min_effect": config.min_effect},
-        tags={"dagster_run_id": context.run_id}
-        | input_version_tags(triton_deployment=triton_deployment),
-        artifact_location=mlflow.artifact_location(),
-    )
-    metadata["mlflow_run"] = dg.MetadataValue.url(tracking.run_url(mlflow.uri(), run_id))
-    return versioned_output(run.summary, metadata=metadata)
+    return metadata

@@ -41,51 +41,26 @@ def registered_model(
     trained_model: TrainedModel,
     model_evaluation: ModelEvaluation,
 ) -> dg.Output[RegisteredModel]:
-    from pathlib import Path
-
     from cifar_assets.ml import tracking
+    from cifar_assets.ml.registration import register_candidate
 
-    models = mlflow.registry()
-    version = models.register(
-        run_id=trained_model.mlflow_run_id,
-        model_dir=Path(trained_model.model_dir),
-        metrics=model_evaluation.metrics,
-        data_version=trained_model.data_version,
-        description=f"ResNet18 ({trained_model.stem} stem), {trained_model.epochs} epochs, "
-        f"Dagster run {context.run_id}",
-        tags={"dagster_run_id": context.run_id},
-        alias=None,
+    registered = register_candidate(
+        mlflow.registry(),
+        trained_model,
+        model_evaluation,
+        dagster_run_id=context.run_id,
+        gate_metric=config.gate_metric if config.promote_automatically else None,
+        margin=config.promotion_margin,
     )
-    if config.promote_automatically:
-        # The champion was re-evaluated on this run's test split: the gate compares like with like.
-        decision = models.gate(
-            version.version,
-            metric=config.gate_metric,
-            margin=config.promotion_margin,
-            champion_metrics=model_evaluation.champion_metrics,
-            apply=False,
-        )
-    else:
-        decision = models.hold_as_challenger(
-            version.version, reason="retraining run: stays challenger until the A/B test decides"
-        )
-    context.log.info(f"Version {version.version}: {decision.reason}")
+    context.log.info(f"Version {registered.version}: {registered.decision_reason}")
+    run_url = tracking.run_url(mlflow.uri(), trained_model.mlflow_run_id)
     return versioned_output(
-        RegisteredModel(
-            name=models.name,
-            version=int(version.version),
-            mlflow_run_id=trained_model.mlflow_run_id,
-            is_champion=decision.promote,
-            decision_reason=decision.reason,
-            metrics=model_evaluation.metrics,
-        ),
+        registered,
         metadata={
-            "model_name": models.name,
-            "version": int(version.version),
-            "role": "champion" if decision.promote else "challenger",
-            "decision": decision.reason,
-            "mlflow_run": dg.MetadataValue.url(
-                tracking.run_url(mlflow.uri(), trained_model.mlflow_run_id)
-            ),
+            "model_name": registered.name,
+            "version": registered.version,
+            "role": "champion" if registered.is_champion else "challenger",
+            "decision": registered.decision_reason,
+            "mlflow_run": dg.MetadataValue.url(run_url),
         },
     )

@@ -4,7 +4,7 @@ and the check that serving follows the registry. Every move of aliases and traff
 :mod:`cifar_assets.serving.rollout`."""
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 from pydantic import Field
@@ -15,6 +15,7 @@ from cifar_assets.data.imageset import Splits
 from cifar_assets.resources import MLflowResource, TritonResource, rollout_for
 
 if TYPE_CHECKING:
+    from cifar_assets.serving.deployment import Deployment
     from cifar_assets.serving.rollout import RolloutPlan
 
 SERVING_GROUP = "serving"
@@ -92,65 +93,46 @@ def triton_deployment(
     onnx_model: OnnxModel,
     cifar10_splits: Splits,
 ) -> dg.Output[TritonDeployment]:
-    from cifar_assets.serving import repository
-    from cifar_assets.serving.verify import compare_with_onnxruntime
+    from cifar_assets.serving.deployment import deploy_registered
 
     server = triton.ensure_running(context.log)
     rollout = rollout_for(mlflow, server.config)
-    version = registered_model.version
-    onnx_path, precision = _served_file(context, config, onnx_model)
-    repository.write_version(
-        server.config.repo, onnx_path, version, {"onnx": str(onnx_path), "precision": precision}
-    )
-    images = cifar10_splits.test.images[: config.check_images]
-    role: Literal["champion", "challenger"] = (
-        "champion" if registered_model.is_champion else "challenger"
-    )
-    transition = rollout.deploy(
-        version,
-        role,
-        lambda: compare_with_onnxruntime(
-            server.config.http_url,
-            version,
-            onnx_path,
-            images,
-            config.max_abs_diff,
-            config.max_rel_diff,
-        ),
-        reason=registered_model.decision_reason,
+    deployed = deploy_registered(
+        rollout,
+        server.config,
+        registered_model,
+        *_served_file(context, config, onnx_model),
+        cifar10_splits.test.images[: config.check_images],
+        max_abs_diff=config.max_abs_diff,
+        max_rel_diff=config.max_rel_diff,
         actor=f"dagster run {context.run_id}",
         challenger_share=config.challenger_share,
         plan=_plan(config),
     )
-    after = transition.after
-    context.log.info(f"v{version} serves as {role}: weights {after['weights']}")
-    return versioned_output(
-        TritonDeployment(
-            model_name=repository.MODEL_NAME,
-            version=version,
-            live_versions=after["live_versions"],
-            http_url=f"http://{server.config.http_url}",
-            grpc_url=server.config.grpc_url,
+    after = deployed.transition.after
+    context.log.info(f"v{deployed.record.version} serves as {deployed.role}: {after['weights']}")
+    return versioned_output(deployed.record, metadata=_metadata(deployed, rollout.journal_path))
+
+
+def _metadata(deployed: "Deployment", journal: Path) -> dict[str, Any]:
+    record, after = deployed.record, deployed.transition.after
+    return {
+        "version": record.version,
+        "role": deployed.role,
+        "champion": after["champion"] or 0,
+        "challenger": after["challenger"] or 0,
+        "live_versions": dg.MetadataValue.json(after["live_versions"]),
+        "router_weights": dg.MetadataValue.json(after["weights"]),
+        **deployed.transition.evidence,
+        "served_precision": deployed.precision,
+        "served_file": dg.MetadataValue.path(str(deployed.served_file)),
+        "stage": after["stage"] or "none",
+        "rollout_journal": dg.MetadataValue.path(str(journal)),
+        "http_url": dg.MetadataValue.url(
+            f"{record.http_url}/v2/models/{record.model_name}/versions/{record.version}"
         ),
-        metadata={
-            "version": version,
-            "role": role,
-            "champion": after["champion"] or 0,
-            "challenger": after["challenger"] or 0,
-            "live_versions": dg.MetadataValue.json(after["live_versions"]),
-            "router_weights": dg.MetadataValue.json(after["weights"]),
-            **transition.evidence,
-            "served_precision": precision,
-            "served_file": dg.MetadataValue.path(str(onnx_path)),
-            "stage": after["stage"] or "none",
-            "rollout_journal": dg.MetadataValue.path(str(rollout.journal_path)),
-            "http_url": dg.MetadataValue.url(
-                f"http://{server.config.http_url}/v2/models/{repository.MODEL_NAME}"
-                f"/versions/{version}"
-            ),
-            "grpc_url": server.config.grpc_url,
-        },
-    )
+        "grpc_url": record.grpc_url,
+    }
 
 
 def _plan(config: DeploymentConfig) -> "RolloutPlan | None":
