@@ -40,6 +40,13 @@ class Settings:
     app_port: int  # CIFAR_APP_PORT: the prediction and feedback app (cifar-app)
     log_level: str  # LOG_LEVEL
 
+    def asset_files(self, asset: str, *parts: str) -> Path:
+        """The local folder of the files an asset writes beside its stored value: weights, ONNX
+        models, detectors, pictures. Its value goes to the versioned store (``asset_store``, which
+        may be remote); these stay local because Triton, ONNX Runtime and the Dagster UI read
+        them as files. One folder per asset, then per run or partition."""
+        return self.storage_dir.joinpath(asset, *parts)
+
     @property
     def mlflow_artifact_root(self) -> Path:
         return self.var_dir / "mlflow" / "artifacts"

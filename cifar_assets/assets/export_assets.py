@@ -83,7 +83,7 @@ def onnx_model(
     exported = export_checked(
         Path(trained_model.model_dir),
         cifar10_splits,
-        get_settings().storage_dir / "onnx_model" / run_id,
+        get_settings().asset_files("onnx_model", run_id),
         limits,
         log=context.log.info,
         warn=context.log.warning,

@@ -35,7 +35,7 @@ def image_features(
         context.log.info(f"Computing features for {len(part)} {name} images")
         parts.append(compute_features(part, log=context.log.info))
     features = pd.concat(parts, ignore_index=True).drop_duplicates("id")
-    path = FeatureStore(get_settings().storage_dir / "feature_store").write(features)
+    path = FeatureStore(get_settings().asset_files("feature_store")).write(features)
     groups = pd.DataFrame(
         [
             {

@@ -135,14 +135,14 @@ def drift_report(
 
     end_orphaned_mlflow_runs(context.instance, mlflow, context.log)
     batch = context.partition_key
-    storage_dir = get_settings().storage_dir
+    settings = get_settings()
     try:
         check = check_incoming_batch(
             incoming_batch,
             batch,
             models=mlflow.registry(),
-            storage_dir=storage_dir,
-            out_dir=storage_dir / "drift_report" / batch,
+            storage_dir=settings.storage_dir,
+            out_dir=settings.asset_files("drift_report", batch),
             run_tags={"dagster_run_id": context.run_id}
             | input_version_tags(incoming_batch=incoming_batch),
             artifact_location=mlflow.artifact_location(),
@@ -213,7 +213,7 @@ def ab_test_report(
         run = run_ab_test(
             rollout_for(mlflow, server),
             server.capture_dir,
-            get_settings().storage_dir / "ab_test_report",
+            get_settings().asset_files("ab_test_report"),
             alpha=config.alpha,
             min_effect=config.min_effect,
             apply_rollout=config.apply_rollout,

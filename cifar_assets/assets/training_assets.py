@@ -93,7 +93,7 @@ def trained_model(
         | {"data_version": data_version}
         | input_version_tags(cifar10_splits=cifar10_splits),
         artifact_location=mlflow.artifact_location(),
-        work_root=get_settings().storage_dir / "trained_model",
+        work_root=get_settings().asset_files("trained_model"),
         model_folder=f"run-{context.run_id[:8]}",
         log=context.log.info,
     )
@@ -147,7 +147,7 @@ def model_evaluation(
         Path(trained_model.model_dir),
         cifar10_splits.test.images,
         cifar10_splits.test.labels,
-        get_settings().storage_dir / "model_evaluation" / run_id,
+        get_settings().asset_files("model_evaluation", run_id),
         models=mlflow.registry(),
         run_id=run_id,
         log=context.log.info,
