@@ -99,16 +99,7 @@ def trained_model(
     )
     last, result = run.last_epoch, run.result
     return versioned_output(
-        TrainedModel(
-            model_dir=str(run.model_dir),
-            stem=train_config.stem,
-            mlflow_run_id=run.mlflow_run_id,
-            data_version=data_version,
-            epochs=train_config.epochs,
-            final_val_accuracy=last.val_accuracy if last else None,
-            images_per_s=result.images_per_s,
-            device=result.device,
-        ),
+        run.record(train_config, data_version),
         metadata={
             "mlflow_run": dg.MetadataValue.url(tracking.run_url(mlflow.uri(), run.mlflow_run_id)),
             "mlflow_run_id": run.mlflow_run_id,

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from cifar_assets.artifacts import TrainedModel
 from cifar_assets.data.imageset import Splits
 from cifar_assets.ml.training import EpochMetrics, Progress, TrainConfig, TrainResult
 
@@ -26,6 +27,20 @@ class TrackedTraining:
     @property
     def last_epoch(self) -> EpochMetrics | None:
         return self.result.history[-1] if self.result.history else None
+
+    def record(self, config: TrainConfig, data_version: str) -> TrainedModel:
+        """What the trained_model asset hands downstream."""
+        last = self.last_epoch
+        return TrainedModel(
+            model_dir=str(self.model_dir),
+            stem=config.stem,
+            mlflow_run_id=self.mlflow_run_id,
+            data_version=data_version,
+            epochs=config.epochs,
+            final_val_accuracy=last.val_accuracy if last else None,
+            images_per_s=self.result.images_per_s,
+            device=self.result.device,
+        )
 
 
 def _epoch_line(metrics: EpochMetrics, epochs: int) -> str:
