@@ -1,5 +1,6 @@
 """Sensors: register new production batches and check them for drift; request retraining when
-drift reports say drift, under a written policy (evaluate_retraining)."""
+drift reports say drift, under a written policy (evaluate_retraining). Every tick of every sensor
+first marks FAILED the MLflow runs of Dagster runs that have ended (end_orphaned_mlflow_runs)."""
 
 import json
 import time
@@ -12,7 +13,12 @@ from typing import Any
 import dagster as dg
 
 from cifar_assets.assets.monitoring_assets import INCOMING_PARTITIONS, incoming_batches
-from cifar_assets.jobs import drift_check_job, retraining_job, rollout_job
+from cifar_assets.jobs import (
+    drift_check_job,
+    end_orphaned_mlflow_runs,
+    retraining_job,
+    rollout_job,
+)
 from cifar_assets.resources import MLflowResource, TritonResource, rollout_for, stored_value_path
 from cifar_assets.settings import get_settings
 
@@ -31,9 +37,12 @@ ACTIVE_STATUSES = [
     description="Registers each new file or folder in CIFAR_INCOMING_DIR as an incoming_batch "
     "partition and launches its drift check.",
 )
-def incoming_batch_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+def incoming_batch_sensor(
+    context: dg.SensorEvaluationContext, mlflow: MLflowResource
+) -> dg.SensorResult:
     from cifar_assets.drift.incoming import discover_batches
 
+    end_orphaned_mlflow_runs(context.instance, mlflow, context.log)
     incoming_dir = get_settings().incoming_dir
     discovery = discover_batches(incoming_dir)
     # A bad entry is reported once (not at every tick) and never holds up the others.
@@ -207,6 +216,7 @@ def _drift_reports(instance: dg.DagsterInstance, after: int) -> list[dg.EventLog
 
 def evaluate_retraining(
     context: dg.SensorEvaluationContext,
+    mlflow: MLflowResource,
     policy: RetrainingPolicy | None = None,
     now: float | None = None,
 ) -> dg.SensorResult:
@@ -217,14 +227,15 @@ def evaluate_retraining(
     - never while a retraining runs; the cooldown counts from the last success; after a failed
       attempt the next waits ``failure_backoff_minutes``;
     - every new report gets an action recorded on it (an observation of its drift_report
-      partition, shown in the UI), so none is consumed silently.
+      partition, shown in the UI), so none is consumed silently; a report that waited gets a
+      second one when the retraining that covers it is requested.
     """
     policy = policy or RetrainingPolicy()
     now = time.time() if now is None else now
     # Read first, so that a broken file fails every tick (red in the UI); the cursor stays, so
     # the reports are handled once the file is fixed.
     base = load_retraining_base(get_settings().retraining_config)
-    _end_orphaned_mlflow_runs(context.instance, context.log)
+    end_orphaned_mlflow_runs(context.instance, mlflow, context.log)
     cursor = json.loads(context.cursor) if context.cursor else {}
     history = retraining_history(context.instance)
     seen = int(cursor.get("seen_through", 0))
@@ -275,8 +286,14 @@ def evaluate_retraining(
         )
     context.log.info(decision)
 
+    # Reports that waited (a cooldown, a running retraining) get the request that covers them
+    # recorded as well, once per request: the same run key asked again records nothing new.
+    to_record = {r.storage_id: r for r in new_reports}
+    if request is not None and cursor.get("recorded_request") != request.run_key:
+        to_record |= {r.storage_id: r for r in pending}
+        cursor["recorded_request"] = request.run_key
     observations = []
-    for record in new_reports:
+    for _, record in sorted(to_record.items()):
         action = decision if _drifted(record) else "no drift: no retraining needed"
         if _drifted(record) and record.storage_id <= history.covered_through:
             action = "drift: already covered by a successful retraining"
@@ -301,28 +318,6 @@ def _utc(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="minutes")
 
 
-def _end_orphaned_mlflow_runs(instance: dg.DagsterInstance, log: Any) -> None:
-    """Mark FAILED any MLflow run whose Dagster run has ended while the MLflow run is still
-    RUNNING (a step killed with SIGKILL cannot end its own run)."""
-    from cifar_assets.ml.tracking import end_runs_of_ended_dagster_runs
-
-    settings = get_settings()
-    ended = end_runs_of_ended_dagster_runs(
-        settings.mlflow_tracking_uri,
-        settings.mlflow_experiment_name,
-        lambda run_id: _ended_status(instance, run_id),
-    )
-    for mlflow_run, reason in ended.items():
-        log.warning(f"MLflow run {mlflow_run} marked FAILED: {reason}")
-
-
-def _ended_status(instance: dg.DagsterInstance, run_id: str) -> str | None:
-    run = instance.get_run_by_id(run_id)
-    if run is None or not run.is_finished:
-        return None
-    return run.status.value
-
-
 @dg.sensor(
     job=retraining_job,
     minimum_interval_seconds=60,
@@ -331,8 +326,10 @@ def _ended_status(instance: dg.DagsterInstance, run_id: str) -> str | None:
     "since the last successful retraining (training on every labelled batch among them), never "
     "while one runs, a cooldown from the last success, and an action recorded on every report.",
 )
-def drift_retraining_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
-    return evaluate_retraining(context)
+def drift_retraining_sensor(
+    context: dg.SensorEvaluationContext, mlflow: MLflowResource
+) -> dg.SensorResult:
+    return evaluate_retraining(context, mlflow)
 
 
 @dg.sensor(
@@ -349,6 +346,7 @@ def rollout_sensor(
     from cifar_assets.serving.gates import judge_stage
     from cifar_assets.serving.rollout import FIXED
 
+    end_orphaned_mlflow_runs(context.instance, mlflow, context.log)
     server = triton.server_config()
     state = rollout_for(mlflow, server).state()
     if state.stage in (None, FIXED):

@@ -6,6 +6,7 @@ import json
 import time
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from cifar_assets.data.imageset import save_npz
 from cifar_assets.data.synthetic import generate_synthetic
 from cifar_assets.definitions import defs
 from cifar_assets.drift.incoming import capture_window_key
+from cifar_assets.resources import MLflowResource, TritonResource
 from cifar_assets.schedules import daily_drift_schedule
 from cifar_assets.sensors import (
     BATCHES_TAG,
@@ -27,6 +29,7 @@ from cifar_assets.sensors import (
     evaluate_retraining,
     incoming_batch_sensor,
 )
+from cifar_assets.serving.launcher import free_ports
 from cifar_assets.settings import get_settings
 from cifar_assets.storage import AssetStore
 
@@ -95,7 +98,18 @@ def tick(
     policy: RetrainingPolicy | None = None,
 ) -> dg.SensorResult:
     context = dg.build_sensor_context(instance=instance, cursor=cursor)
-    return evaluate_retraining(context, policy, now=now)
+    return evaluate_retraining(context, MLflowResource(), policy, now=now)
+
+
+def sensor_context(
+    instance: dg.DagsterInstance, cursor: str | None = None
+) -> dg.SensorEvaluationContext:
+    """A tick's context with the resources the definitions bind (settings from the env)."""
+    return dg.build_sensor_context(
+        instance=instance,
+        cursor=cursor,
+        resources={"mlflow": MLflowResource(), "triton": TritonResource()},
+    )
 
 
 def actions(result: dg.SensorResult) -> dict[str, str]:
@@ -190,30 +204,162 @@ def test_running_cooldown_and_failure_wait_but_never_drop_a_report(
     assert second.tags[BATCHES_TAG] == "during"
 
 
-def test_tick_fails_mlflow_runs_of_ended_dagster_runs(
-    instance: dg.DagsterInstance, project_env: dict[str, str]
+def test_a_report_that_waited_gets_the_retraining_that_covers_it_recorded(
+    instance: dg.DagsterInstance,
 ) -> None:
-    from mlflow import MlflowClient
+    report_drift(instance, "first", drift=True, labelled=True)
+    first = tick(instance)
+    (first_request,) = first.run_requests or []
+    running = retraining_run(
+        instance, int(first_request.tags[COVERS_TAG]), dg.DagsterRunStatus.STARTED
+    )
+    report_drift(instance, "during", drift=True, labelled=False)
+    during = latest_report_id(instance)
+    report_drift(instance, "calm", drift=False, labelled=True)
+    busy = tick(instance, first.cursor)
+    assert actions(busy) == {
+        "during": f"waiting: retraining run {running.run_id} is running; the next retraining "
+        "covers this report",
+        "calm": "no drift: no retraining needed",
+    }
+    instance.handle_run_event(
+        running.run_id,
+        dg.DagsterEvent(
+            event_type_value=dg.DagsterEventType.RUN_SUCCESS.value, job_name="retraining_job"
+        ),
+    )
+    cooling = tick(instance, busy.cursor)
+    assert actions(cooling) == {}  # still waiting: nothing new to say
 
-    from cifar_assets.ml.tracking import ensure_experiment
-    from cifar_assets.settings import get_settings
+    # The cooldown is over: the request that covers "during" is recorded on it, on it alone.
+    later = tick(instance, cooling.cursor, now=time.time() + 7 * 3600)
+    (request,) = later.run_requests or []
+    assert request.tags[BATCHES_TAG] == "during"
+    assert actions(later) == {
+        "during": f"retraining requested ({request.run_key}) for 1 drifted report(s) (during); "
+        "training data adds labelled batches none"
+    }
+    (observation,) = later.asset_events
+    assert observation.metadata["report_storage_id"].value == during
+    # Asked again before the daemon launched it: recorded once.
+    again = tick(instance, later.cursor, now=time.time() + 7 * 3600)
+    assert [r.run_key for r in again.run_requests or []] == [request.run_key]
+    assert actions(again) == {}
+
+
+@dataclass
+class Orphans:
+    """MLflow runs left RUNNING: two whose Dagster run has ended (one in the training
+    experiment, one in the monitoring experiment with a child run), and two that must stay
+    RUNNING (their Dagster run still runs; a run of another instance)."""
+
+    dead_run: str
+    training: str
+    monitoring: str
+    child: str
+    alive: str
+    stranger: str
+
+    def assert_swept(self) -> None:
+        from cifar_assets.ml.tracking import client_for
+
+        client = client_for(get_settings().mlflow_tracking_uri)
+        for orphan in (self.training, self.monitoring, self.child):
+            run = client.get_run(orphan)
+            assert run.info.status == "FAILED", orphan
+            assert run.data.tags["ended_reason"] == (
+                f"Dagster run {self.dead_run} ended FAILURE while this MLflow run was still "
+                "RUNNING (its step process was killed)"
+            )
+        assert client.get_run(self.alive).info.status == "RUNNING"
+        assert client.get_run(self.stranger).info.status == "RUNNING"
+
+
+def leave_orphans(instance: dg.DagsterInstance) -> Orphans:
+    from cifar_assets.ml.tracking import (
+        PARENT_RUN_TAG,
+        client_for,
+        ensure_experiment,
+        monitoring_experiment,
+    )
 
     settings = get_settings()
+    uri = settings.mlflow_tracking_uri
     dead = retraining_run(instance, None, dg.DagsterRunStatus.FAILURE)
     alive = retraining_run(instance, None, dg.DagsterRunStatus.STARTED)
-    client = MlflowClient(settings.mlflow_tracking_uri)
-    experiment = ensure_experiment(settings.mlflow_tracking_uri, settings.mlflow_experiment_name)
-    orphan = client.create_run(experiment, tags={"dagster_run_id": dead.run_id})
-    running = client.create_run(experiment, tags={"dagster_run_id": alive.run_id})
-    stranger = client.create_run(experiment, tags={"dagster_run_id": "another-instance"})
+    client = client_for(uri)
+    training = ensure_experiment(uri, settings.mlflow_experiment_name)
+    monitoring = ensure_experiment(uri, monitoring_experiment(settings.registered_model_name))
 
-    tick(instance)
+    def running(experiment: str, tags: dict[str, str]) -> str:
+        return str(client.create_run(experiment, tags=tags).info.run_id)
 
-    ended = client.get_run(orphan.info.run_id)
-    assert ended.info.status == "FAILED"
-    assert f"Dagster run {dead.run_id} ended FAILURE" in ended.data.tags["ended_reason"]
-    assert client.get_run(running.info.run_id).info.status == "RUNNING"
-    assert client.get_run(stranger.info.run_id).info.status == "RUNNING"
+    monitoring_run = running(monitoring, {"dagster_run_id": dead.run_id})
+    return Orphans(
+        dead_run=dead.run_id,
+        training=running(training, {"dagster_run_id": dead.run_id}),
+        monitoring=monitoring_run,
+        child=running(monitoring, {PARENT_RUN_TAG: monitoring_run}),
+        alive=running(monitoring, {"dagster_run_id": alive.run_id}),
+        stranger=running(monitoring, {"dagster_run_id": "another-instance"}),
+    )
+
+
+SENSORS = sorted(sensor.name for sensor in defs.get_repository_def().sensor_defs)
+
+
+@pytest.mark.parametrize("sensor_name", SENSORS)
+def test_every_sensor_tick_fails_mlflow_runs_of_ended_dagster_runs(
+    instance: dg.DagsterInstance, sensor_name: str
+) -> None:
+    orphans = leave_orphans(instance)
+
+    defs.get_repository_def().get_sensor_def(sensor_name).evaluate_tick(sensor_context(instance))
+
+    orphans.assert_swept()
+
+
+def test_every_run_that_writes_mlflow_runs_fails_orphans_at_its_start(
+    instance: dg.DagsterInstance, project_env: dict[str, str]
+) -> None:
+    """Each job whose steps write MLflow runs, launched in the instance without a daemon: its
+    first step marks the orphans FAILED before anything else (each run then stops at the
+    missing champion, A/B report or server, which is what this instance has)."""
+    from cifar_assets.artifacts import TritonDeployment
+
+    save_npz(
+        Path(project_env["CIFAR_VAR_DIR"]) / "incoming" / "monday.npz",
+        {"images": generate_synthetic(20, seed=5).images},
+    )
+    instance.add_dynamic_partitions("incoming_batches", ["monday"])
+    AssetStore(get_settings().asset_store).put(
+        "triton_deployment", TritonDeployment("cifar10_resnet18", 1, [1], "", "")
+    )
+    (port,) = free_ports(1)
+    no_server = TritonResource(start_if_down=False, http_port=port)
+    launches = {
+        "drift_check_job": {"partition_key": "monday"},
+        "rollout_job": {},
+        "promotion_job": {},
+        "rollback_job": {
+            "run_config": {"ops": {"rollback_champion": {"config": {"reason": "test"}}}}
+        },
+    }
+    for job_name, arguments in launches.items():
+        orphans = leave_orphans(instance)
+        result = defs.resolve_job_def(job_name).execute_in_process(
+            instance=instance,
+            raise_on_error=False,
+            resources={"triton": no_server},
+            **arguments,
+        )
+        orphans.assert_swept()
+        warnings = [
+            entry.user_message
+            for entry in instance.all_logs(result.run_id)
+            if entry.user_message.startswith(f"MLflow run {orphans.training} marked FAILED")
+        ]
+        assert warnings, f"{job_name} did not say it ended {orphans.training}"
 
 
 def test_retraining_base_config_comes_from_the_env_and_the_sensor_wins(
@@ -233,7 +379,7 @@ def test_retraining_base_config_comes_from_the_env_and_the_sensor_wins(
     monkeypatch.setenv("CIFAR_RETRAINING_CONFIG", str(base))
     report_drift(instance, "batch-e", drift=True, labelled=True)
 
-    result = evaluate_retraining(dg.build_sensor_context(instance=instance))
+    result = evaluate_retraining(dg.build_sensor_context(instance=instance), MLflowResource())
 
     ops = (result.run_requests or [])[0].run_config["ops"]
     assert ops["trained_model"]["config"] == {"epochs": 1, "batch_size": 32, "stem": "imagenet"}
@@ -276,17 +422,17 @@ def test_broken_retraining_config_fails_the_tick_and_keeps_the_report(
     report_drift(instance, "batch-x", drift=True, labelled=True)
 
     with pytest.raises(RetrainingConfigError) as error:
-        evaluate_retraining(dg.build_sensor_context(instance=instance))
+        evaluate_retraining(dg.build_sensor_context(instance=instance), MLflowResource())
     assert f"retraining base config {base} {problem}" in str(error.value)
     assert "Point CIFAR_RETRAINING_CONFIG at a YAML run config" in str(error.value)
     # The sensor itself raises it too, not a skip: the daemon then records a failed tick (red
     # in the UI) whose error is this message.
     with pytest.raises(RetrainingConfigError, match=problem):
-        drift_retraining_sensor.evaluate_tick(dg.build_sensor_context(instance=instance))
+        drift_retraining_sensor.evaluate_tick(sensor_context(instance))
 
     # fixed, the same drift report is still handled: the failed ticks did not move the cursor
     monkeypatch.setenv("CIFAR_RETRAINING_CONFIG", str(PROJECT_ROOT / "configs" / "retraining.yaml"))
-    fixed = evaluate_retraining(dg.build_sensor_context(instance=instance))
+    fixed = evaluate_retraining(dg.build_sensor_context(instance=instance), MLflowResource())
     assert len(fixed.run_requests or []) == 1
 
 
@@ -296,12 +442,12 @@ def test_incoming_sensor_registers_each_new_batch_once(
     incoming = Path(project_env["CIFAR_VAR_DIR"]) / "incoming"
     images = np.random.default_rng(0).integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)
     save_npz(incoming / "monday.npz", {"images": images})
-    first = incoming_batch_sensor(dg.build_sensor_context(instance=instance))
+    first = incoming_batch_sensor(sensor_context(instance))
     assert isinstance(first, dg.SensorResult)
     assert [r.partition_key for r in first.run_requests or []] == ["monday"]
     assert first.dynamic_partitions_requests[0].partition_keys == ["monday"]  # type: ignore[index,union-attr]
     instance.add_dynamic_partitions("incoming_batches", ["monday"])
-    quiet = incoming_batch_sensor(dg.build_sensor_context(instance=instance))
+    quiet = incoming_batch_sensor(sensor_context(instance))
     assert not quiet.run_requests and "No new batch" in str(quiet.skip_reason)
 
 
@@ -319,8 +465,7 @@ def test_bad_entries_are_reported_once_and_never_block_a_good_batch(
     save_npz(incoming / "dup.NPZ", {"images": images})
     save_npz(incoming / "tuesday.npz", {"images": images, "labels": np.arange(12) % 10})
 
-    context = dg.build_sensor_context(instance=instance)
-    first = incoming_batch_sensor(context)
+    first = incoming_batch_sensor(sensor_context(instance))
     assert [r.partition_key for r in first.run_requests or []] == ["tuesday"]
     problems = json.loads(first.cursor or "[]")
     assert any(p.startswith(f"{incoming / 'escape.npz'}:") for p in problems), problems
@@ -328,7 +473,7 @@ def test_bad_entries_are_reported_once_and_never_block_a_good_batch(
     assert sum("dup" in p for p in problems) == 2, problems
     # The next tick knows them already: nothing new to say, nothing registered twice.
     instance.add_dynamic_partitions("incoming_batches", ["tuesday"])
-    again = incoming_batch_sensor(dg.build_sensor_context(instance=instance, cursor=first.cursor))
+    again = incoming_batch_sensor(sensor_context(instance, first.cursor))
     assert not again.run_requests and "4 entries refused" in str(again.skip_reason)
 
 

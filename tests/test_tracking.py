@@ -17,9 +17,11 @@ from cifar_assets.ml.tracking import (
     client_for,
     default_artifact_location,
     end_runs_of_ended_dagster_runs,
+    ensure_experiment,
     log_artifact,
     log_epoch_metrics,
     log_params,
+    monitoring_experiment,
     run_url,
     tracking_run,
 )
@@ -143,22 +145,27 @@ def test_runs_of_ended_dagster_runs_are_failed_with_the_reason(store: str) -> No
     orphan = client.create_run(experiment_id, tags={"dagster_run_id": "dead"})
     nested = client.create_run(experiment_id, tags={PARENT_RUN_TAG: orphan.info.run_id})
     other = client.create_run(experiment_id, tags={"dagster_run_id": "alive"})
+    # The monitoring experiment's runs are swept in the same call.
+    monitoring_id = ensure_experiment(store, monitoring_experiment("cifar"))
+    monitoring = client.create_run(monitoring_id, tags={"dagster_run_id": "dead"})
     statuses = {"dead": "FAILURE", "alive": None}
+    experiments = [EXPERIMENT, monitoring_experiment("cifar"), "no-such-experiment"]
 
-    ended = end_runs_of_ended_dagster_runs(store, EXPERIMENT, statuses.get)
+    ended = end_runs_of_ended_dagster_runs(store, experiments, statuses.get)
 
     reason = "Dagster run dead ended FAILURE while this MLflow run was still RUNNING"
-    assert list(ended) == [orphan.info.run_id, nested.info.run_id]
+    swept = [orphan.info.run_id, nested.info.run_id, monitoring.info.run_id]
+    assert sorted(ended) == sorted(swept)
     assert all(text.startswith(reason) for text in ended.values())
-    assert client.get_run(orphan.info.run_id).data.tags["ended_reason"].startswith(reason)
-    assert _run_status(store, orphan.info.run_id) == "FAILED"
-    assert _run_status(store, nested.info.run_id) == "FAILED"
+    for run_id in swept:
+        assert client.get_run(run_id).data.tags["ended_reason"].startswith(reason)
+        assert _run_status(store, run_id) == "FAILED"
     assert _run_status(store, finished_id) == "FINISHED"
     assert _run_status(store, other.info.run_id) == "RUNNING"
-    assert end_runs_of_ended_dagster_runs(store, "no-such-experiment", statuses.get) == {}
+    assert end_runs_of_ended_dagster_runs(store, ["no-such-experiment"], statuses.get) == {}
     # Its Dagster run ends: the next call ends it too.
     statuses["alive"] = "SUCCESS"
-    assert list(end_runs_of_ended_dagster_runs(store, EXPERIMENT, statuses.get)) == [
+    assert list(end_runs_of_ended_dagster_runs(store, experiments, statuses.get)) == [
         other.info.run_id
     ]
 

@@ -51,11 +51,6 @@ def _run_tags(context: dg.AssetExecutionContext) -> dict[str, str]:
     }
 
 
-def _ended_status(context: dg.AssetExecutionContext, run_id: str) -> str | None:
-    run = context.instance.get_run_by_id(run_id)
-    return run.status.value if run is not None and run.is_finished else None
-
-
 @dg.asset(
     group_name=TRAINING_GROUP,
     kinds={"pytorch", "mlflow"},
@@ -71,15 +66,13 @@ def trained_model(
     mlflow: MLflowResource,
     cifar10_splits: Splits,
 ) -> dg.Output[TrainedModel]:
+    from cifar_assets.jobs import end_orphaned_mlflow_runs
     from cifar_assets.ml import tracking
     from cifar_assets.ml.training_run import train_tracked
 
     # A training killed with SIGKILL (even under `dagster job execute`, without the daemon) left
     # its MLflow run RUNNING: end it now, with the reason.
-    for mlflow_run, reason in tracking.end_runs_of_ended_dagster_runs(
-        mlflow.uri(), mlflow.experiment(), lambda run_id: _ended_status(context, run_id)
-    ).items():
-        context.log.warning(f"MLflow run {mlflow_run} marked FAILED: {reason}")
+    end_orphaned_mlflow_runs(context.instance, mlflow, context.log)
     train_config = TrainConfig(**config.model_dump())
     data_version = cifar10_splits.fingerprint()
     started = time.monotonic()

@@ -235,27 +235,38 @@ def tracking_run(
             client.set_terminated(run_id, status)
 
 
+def monitoring_experiment(model_name: str) -> str:
+    """The experiment that holds the monitoring runs (drift checks, A/B reports) of a model."""
+    return MONITORING_EXPERIMENT_PREFIX + model_name
+
+
 def end_runs_of_ended_dagster_runs(
     tracking_uri: str,
-    experiment_name: str,
+    experiment_names: Iterable[str],
     dagster_run_status: Callable[[str], str | None],
     tag_key: str = "dagster_run_id",
 ) -> dict[str, str]:
-    """Mark FAILED every RUNNING run of the experiment (and the runs nested under it) whose
+    """Mark FAILED every RUNNING run of the experiments (and the runs nested under it) whose
     Dagster run, named by its ``tag_key`` tag, has ended: a step killed with SIGKILL cannot end
     its own MLflow run. ``dagster_run_status(run_id)`` gives the Dagster run's final status, or
     None while it runs or when the instance does not know it (such runs are left alone).
+    Experiments that do not exist yet are skipped. One search of RUNNING runs when none is
+    orphaned, so callers can afford it at every sensor tick and run start.
     Returns MLflow run id -> the reason, which is also kept in the run's ``ended_reason`` tag."""
     client = client_for(tracking_uri)
-    experiment = client.get_experiment_by_name(experiment_name)
-    if experiment is None:
+    experiment_ids = [
+        experiment.experiment_id
+        for name in experiment_names
+        if (experiment := client.get_experiment_by_name(name)) is not None
+    ]
+    if not experiment_ids:
         return {}
-    running = search_all_runs(client, [experiment.experiment_id], "attributes.status = 'RUNNING'")
+    running = search_all_runs(client, experiment_ids, "attributes.status = 'RUNNING'")
     ended: dict[str, str] = {}
     for run in running:
         dagster_run = run.data.tags.get(tag_key)
         status = dagster_run_status(dagster_run) if dagster_run else None
-        if status is None:
+        if status is None or run.info.run_id in ended:
             continue
         reason = (
             f"Dagster run {dagster_run} ended {status} while this MLflow run was still RUNNING "
@@ -265,6 +276,7 @@ def end_runs_of_ended_dagster_runs(
         client.set_terminated(run.info.run_id, "FAILED")
         ended[run.info.run_id] = reason
         for child in _end_running_descendants(client, run, "FAILED"):
+            client.set_tag(child, "ended_reason", reason)
             ended[child] = reason
     return ended
 
@@ -351,7 +363,7 @@ def log_monitoring_run(
     training runs, and the MLflow UI can chart a drift score or an A/B accuracy over time."""
     with tracking_run(
         tracking_uri,
-        MONITORING_EXPERIMENT_PREFIX + model_name,
+        monitoring_experiment(model_name),
         run_name,
         tags,
         artifact_location,
