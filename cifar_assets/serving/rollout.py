@@ -18,7 +18,14 @@ record after, and changes serving in the order that fails no request: load the v
 will get traffic, then move the weights, then unload the versions that lost it. After a crash
 between the two records, :meth:`Rollout.reconcile` sets the aliases the intent named and
 brings serving to them. The journal (``<state_dir>/rollout_journal.jsonl``) is also the audit
-log: what moved, from which state to which, why, who, and on what evidence.
+log: what moved, from which state to which, why, who, and on what evidence. Its last finished
+record's ``after`` is what MLflow, the router and Triton should still show; :meth:`Rollout.check`
+names anything moved since without the rollout (an alias set by hand in MLflow, say).
+
+Test hook: with ``CIFAR_ROLLOUT_CRASH_AFTER=intent`` (or ``aliases``) in the environment, a
+transition SIGKILLs its own process right after the journal's intent (or after MLflow's aliases
+moved, before serving follows), so a test can crash a real transition in a subprocess. Nothing
+else reads the variable; never set it outside a test.
 
 mlflow and tritonclient are imported inside the functions that need them.
 """
@@ -28,6 +35,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import signal
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -47,6 +55,9 @@ ROLLOUT_STATE_FILE = "rollout.json"
 SHADOW_FILE = "shadow.json"  # beside the router's weights file: the version it mirrors to
 LOCK_FILE = "rollout.lock"
 DEFAULT_CHALLENGER_SHARE = 0.1
+CRASH_AFTER_ENV = "CIFAR_ROLLOUT_CRASH_AFTER"  # test hook: intent | aliases (module docstring)
+# What the journal's last finished record says serving is, compared by check() with now.
+JOURNALED_KEYS = ("champion", "challenger", "live_versions", "weights", "shadow", "stage")
 Role = Literal["champion", "challenger"]
 
 
@@ -176,6 +187,19 @@ def desired_serving(
     return {champion: 1.0 - share, challenger: share}, None
 
 
+def write_shadow_target(state_dir: Path, shadow: tuple[int, float] | None) -> None:
+    """The router's shadow target (version, share), or None for no mirroring. Only the rollout
+    (and benchmarks on a scratch server) write it."""
+    value = {"version": shadow[0], "share": shadow[1]} if shadow else None
+    write_json_atomic(state_dir / SHADOW_FILE, value)
+
+
+def _crash_point(point: str) -> None:
+    """The crash test's hook (module docstring): SIGKILL, as a power cut would, at ``point``."""
+    if os.environ.get(CRASH_AFTER_ENV) == point:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
@@ -242,8 +266,7 @@ class Rollout:
         return (int(shadow["version"]), float(shadow["share"])) if shadow else None
 
     def _write_shadow(self, shadow: tuple[int, float] | None) -> None:
-        value = {"version": shadow[0], "share": shadow[1]} if shadow else None
-        write_json_atomic(self.state_dir / SHADOW_FILE, value)
+        write_shadow_target(self.state_dir, shadow)
 
     def state(self) -> LifecycleState:
         aliases = self.models.aliases()
@@ -299,7 +322,34 @@ class Rollout:
                 f"transition {unfinished['id']} ({unfinished['action']}) has an intent but no "
                 "completion in the journal; run reconcile"
             )
+        else:
+            problems += self._differences_from_journal(state)
         return problems
+
+    def _differences_from_journal(self, state: LifecycleState) -> list[str]:
+        last, moved = self._moved_outside(state)
+        return [
+            f"{key} is {now} but the journal's last transition {last['id']} ({last['action']} "
+            f"at {last['time']}) left it {recorded}: it was moved outside the rollout; run "
+            "`cifar-triton reconcile` to bring serving to MLflow's aliases and journal it"
+            for key, (recorded, now) in moved.items()
+        ]
+
+    def _moved_outside(
+        self, state: LifecycleState
+    ) -> tuple[dict[str, Any], dict[str, tuple[Any, Any]]]:
+        """The journal's last finished record and, for each key of its ``after`` that MLflow's
+        aliases, the rollout settings, the router or Triton's live versions no longer show,
+        (recorded, now): what moved since without going through the rollout."""
+        last = self.last_finished()
+        if last is None:
+            return {}, {}
+        recorded, now = last["after"], state.to_dict()
+        return last, {
+            key: (recorded.get(key), now[key])
+            for key in JOURNALED_KEYS
+            if recorded.get(key) != now[key]
+        }
 
     def server_ready(self, version: int) -> bool:
         """Whether the server answers on ``version`` (the inference API's readiness call)."""
@@ -331,6 +381,11 @@ class Rollout:
         if not self.journal_path.is_file():
             return []
         return [json.loads(line) for line in self.journal_path.read_text().splitlines() if line]
+
+    def last_finished(self) -> dict[str, Any] | None:
+        """The journal's last ``done`` or ``failed`` record (both keep the state they left)."""
+        finished = [r for r in self.journal() if r["phase"] != "intent"]
+        return finished[-1] if finished else None
 
     def unfinished(self) -> dict[str, Any] | None:
         """The intent of a transition that never recorded its end (a crash), if any."""
@@ -417,10 +472,12 @@ class Rollout:
                 "before": before.to_dict(),
             }
         )
+        _crash_point("intent")
         started = time.monotonic()
         try:
             self._write_settings(after_settings)
             self._set_aliases(target_aliases, f"{action}: {reason}", actor)
+            _crash_point("aliases")
             self._apply(self.state())
         except Exception as error:
             self._undo(before, before_settings)
@@ -670,24 +727,30 @@ class Rollout:
 
     def reconcile(self, actor: str = "reconcile") -> Transition | None:
         """Complete a transition a crash left between its intent and its end, or bring serving
-        to MLflow's aliases if it drifted from them; None when all agreed already."""
+        to MLflow's aliases if it drifted from them or from the journal (an alias moved by
+        hand), journaling what was found; None when all agreed already."""
         with self._locked():
             transition = self._finish_unfinished(actor)
             if transition is not None:
                 return transition
             current = self.state()
             expected, shadow = current.desired()
+            _, moved = self._moved_outside(current)
             if (
-                _rounded(current.weights) == _rounded(expected)
+                not moved
+                and _rounded(current.weights) == _rounded(expected)
                 and current.shadow == shadow
                 and set(current.live_versions) == set(expected) | ({shadow[0]} if shadow else set())
             ):
                 return None
+            found = ", ".join(f"{key} {was} -> {now}" for key, (was, now) in moved.items())
             return self._transition(
                 "reconcile",
                 current.champion,
                 {registry.CHAMPION: current.champion, registry.CHALLENGER: current.challenger},
-                "serving differed from MLflow's aliases",
+                f"moved outside the rollout: {found}"
+                if moved
+                else "serving differed from MLflow's aliases",
                 actor,
             )
 
