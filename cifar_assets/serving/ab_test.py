@@ -1,6 +1,8 @@
 """The ``ab_test_report`` stage without Dagster: the running A/B test judged from captured traffic
 and feedback, the staged rollout's stage judged (and, when asked, acted on), files written and one
-finished MLflow run in ``monitoring/<model>``.
+finished MLflow run in ``monitoring/<model>``. Every stage has a picture: the A/B comparison while
+two versions take traffic, the shadow evidence (counts, model time, agreement) while the
+challenger only receives mirrored requests.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ from typing import TYPE_CHECKING, Any
 from cifar_assets.artifacts import ABTestSummary
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from cifar_assets.drift.ab_stats import ABReport
     from cifar_assets.serving.gates import StageJudgement
-    from cifar_assets.serving.rollout import Rollout
+    from cifar_assets.serving.rollout import Rollout, RolloutPlan
 
 
 class NoABTestError(RuntimeError):
@@ -31,6 +35,7 @@ class ABTestRun:
     judgement: StageJudgement | None = None  # the staged rollout's stage, when one runs
     transition: str | None = None  # what the rollout did, when asked to act
     results_png: Path | None = None
+    shadow_png: Path | None = None  # the shadow stage's evidence, while the stage is shadow
     files: list[Path] = field(default_factory=list)
     mlflow_run_id: str = ""
 
@@ -53,6 +58,84 @@ def compare_versions(
     return report, plot, report_file
 
 
+def shadow_evidence_png(
+    mirrored: pd.DataFrame,
+    champion: int,
+    challenger: int,
+    thresholds: RolloutPlan,
+    path: Path,
+) -> Path:
+    """The shadow stage's evidence as one picture: how many requests were mirrored (against
+    the plan's need), answered, failed and agreed; the model CPU time per image of the
+    challenger against the champion's on the same batches, with their p95; and the running top-1
+    agreement against the plan's floor. ``mirrored`` is gates.mirrored_answers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    failed = mirrored["error"].notna()
+    answered = mirrored[~failed]
+    agrees = (answered["predicted_class"] == answered["champion_class"]).to_numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure, (count_axis, time_axis, agree_axis) = plt.subplots(1, 3, figsize=(13, 3.6))
+    counts = {
+        "mirrored": len(mirrored),
+        "answered": len(answered),
+        "failed": int(failed.sum()),
+        "agreed": int(agrees.sum()),
+    }
+    bars = count_axis.bar(list(counts), list(counts.values()), color="tab:blue")
+    count_axis.bar_label(bars)
+    count_axis.axhline(
+        thresholds.shadow_requests,
+        color="tab:red",
+        linestyle="--",
+        label=f"needed {thresholds.shadow_requests}",
+    )
+    count_axis.set_title(f"Requests mirrored to v{challenger}")
+    count_axis.legend()
+    times = {
+        f"v{champion} (champion)": answered["champion_model_cpu_ms"].dropna().to_numpy(float),
+        f"v{challenger} (shadow)": answered["model_cpu_ms"].dropna().to_numpy(float),
+    }
+    p95 = {k: float(np.quantile(v, 0.95)) if len(v) else float("nan") for k, v in times.items()}
+    if all(len(v) for v in times.values()):
+        time_axis.boxplot(list(times.values()), whis=(5, 95), showfliers=False)
+        time_axis.set_xticks([1, 2], list(times))
+        time_axis.scatter([1, 2], list(p95.values()), color="tab:red", zorder=3, label="p95")
+        time_axis.legend()
+    champion_p95, challenger_p95 = p95.values()
+    time_axis.set_ylabel("model CPU ms per image")
+    time_axis.set_title(
+        f"p95 ratio {challenger_p95 / champion_p95:.2f} "
+        f"(limit {thresholds.max_p95_latency_ratio:g})"
+        if champion_p95 > 0
+        else "p95 ratio: no answers yet"
+    )
+    if len(agrees):
+        agree_axis.plot(
+            np.arange(1, len(agrees) + 1), np.cumsum(agrees) / np.arange(1, len(agrees) + 1)
+        )
+    agree_axis.axhline(
+        thresholds.min_shadow_agreement,
+        color="tab:red",
+        linestyle="--",
+        label=f"floor {thresholds.min_shadow_agreement:g}",
+    )
+    agree_axis.set_ylim(0, 1.02)
+    agree_axis.set_xlabel("answered mirrored requests")
+    agree_axis.set_title(
+        f"Agreement with v{champion}: {agrees.mean():.1%}" if len(agrees) else "No answers yet"
+    )
+    agree_axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+    return path
+
+
 def run_ab_test(
     rollout: Rollout,
     capture_dir: Path,
@@ -66,8 +149,8 @@ def run_ab_test(
 ) -> ABTestRun:
     """Judge the running A/B test and, during a staged rollout, its stage; with
     ``apply_rollout``, carry out the stage's verdict through ``rollout``."""
-    from cifar_assets.serving.gates import act, judge_stage
-    from cifar_assets.serving.rollout import FIXED
+    from cifar_assets.serving.gates import act, judge_stage, mirrored_answers
+    from cifar_assets.serving.rollout import FIXED, SHADOW
 
     state = rollout.state()
     weights = {v: w for v, w in state.weights.items() if w > 0}
@@ -97,6 +180,15 @@ def run_ab_test(
         stage_file = out_dir / "stage.json"
         stage_file.write_text(json.dumps(judgement.to_dict(), indent=2, default=str) + "\n")
         run.files.append(stage_file)
+        if state.stage == SHADOW and state.plan is not None:
+            run.shadow_png = shadow_evidence_png(
+                mirrored_answers(state, capture_dir),
+                state.champion or 0,
+                state.challenger or 0,
+                state.plan,
+                out_dir / "shadow_evidence.png",
+            )
+            run.files.append(run.shadow_png)
         s = run.summary
         run.summary = ABTestSummary(
             s.control,

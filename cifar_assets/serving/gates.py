@@ -66,6 +66,15 @@ def _since(frame: pd.DataFrame, started: str | None) -> pd.DataFrame:
     return frame[frame["time"] >= pd.Timestamp(started)]
 
 
+def mirrored_answers(state: LifecycleState, capture_dir: Path) -> pd.DataFrame:
+    """The challenger's answers to requests mirrored to it since ``state``'s stage began
+    (capture.SHADOW_COLUMNS): what the shadow stage is judged on."""
+    from cifar_assets.serving.capture import read_shadow
+
+    shadow = _since(read_shadow(capture_dir), state.stage_started)
+    return shadow[shadow["shadow_version"] == state.challenger]
+
+
 def _p95(values: Any) -> float | None:
     array = np.asarray(values, dtype=np.float64)
     array = array[~np.isnan(array)]
@@ -87,12 +96,7 @@ def _latency_gate(candidate: float | None, champion: float | None, plan: Rollout
 def judge_stage(state: LifecycleState, capture_dir: Path) -> StageJudgement:
     """Judge the running stage of ``state``'s staged rollout on the capture under
     ``capture_dir``."""
-    from cifar_assets.serving.capture import (
-        join_feedback,
-        read_capture,
-        read_errors,
-        read_shadow,
-    )
+    from cifar_assets.serving.capture import join_feedback, read_capture, read_errors
 
     plan, stage = state.plan, state.stage
     if plan is None or stage is None or state.challenger is None or state.champion is None:
@@ -104,7 +108,7 @@ def judge_stage(state: LifecycleState, capture_dir: Path) -> StageJudgement:
     errors = _since(read_errors(capture_dir), state.stage_started)
     feedback = _since(join_feedback(capture_dir), state.stage_started)
     if stage == SHADOW:
-        shadow = _since(read_shadow(capture_dir), state.stage_started)
+        shadow = mirrored_answers(state, capture_dir)
         return _judge_shadow(state.champion, state.challenger, plan, shadow, served, feedback)
     if stage.startswith(CANARY):
         weights = {v: w for v, w in state.weights.items() if w > 0}
@@ -122,8 +126,6 @@ def _judge_shadow(
     served: pd.DataFrame,
     feedback: pd.DataFrame,
 ) -> StageJudgement:
-
-    shadow = shadow[shadow["shadow_version"] == challenger]
     n = len(shadow)
     evidence: dict[str, Any] = {"mirrored": n, "needed": plan.shadow_requests}
     if n < plan.shadow_requests:
