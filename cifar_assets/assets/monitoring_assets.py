@@ -264,6 +264,8 @@ def _ab_metadata(run: "ABTestRun") -> dict[str, Any]:
             "stage_reason": judgement.reason,
             "stage_evidence": dg.MetadataValue.json(judgement.evidence),
         }
+        if run.shadow_png is not None:
+            metadata["shadow_evidence"] = image(run.shadow_png, "shadow evidence")
         if judgement.gates:
             metadata["gates"] = table(pd.DataFrame([vars(gate) for gate in judgement.gates]))
         if run.transition is not None:
