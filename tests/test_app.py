@@ -3,11 +3,16 @@
 The library parts (image preparation, error wording, the Watch page's readers) are tested
 directly; the page itself is started the way a user starts it, with the ``cifar-app`` console
 script on a free port, against a real tritonserver (versions 1 and 2, weights 0.9/0.1), and
-driven in Debian's chromium through Playwright. Screenshots land in ``test-artifacts/``.
+driven in Debian's chromium through Playwright. Screenshots land in ``test-artifacts/``, and a
+browser test that fails leaves ``failed-<test>.png`` there.
+
+The browser tests share one tab (one session) and run in file order: feedback given in one is
+counted in the next ones.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -18,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import dagster as dg
 import numpy as np
 import pytest
 from PIL import Image
@@ -32,16 +38,40 @@ from cifar_assets.serving.capture import join_feedback, read_capture, read_feedb
 from cifar_assets.serving.client import ServingError
 from tests.conftest import PROJECT_ROOT, subprocess_env
 from tests.serving_fixtures import ServingEnv, free_ports
+from tests.test_ab_promotion import point_settings_at
 from tests.test_ui import ARTIFACTS, BROWSER_ARGS, CHROMIUM, start, stop
 
 MODEL_NAME = "cifar10-resnet18"
 REQUEST_ID = re.compile(r"request id ([0-9a-f]{32})")
+USER_ID = re.compile(r"Your user id is (web-[0-9a-f]{12})")
+SAMPLE_RATE = 0.5  # the triton_server fixture's capture_input_sample_rate
+
+
+def router_samples(request_id: str) -> bool:
+    """Whether the router keeps this request's pixels for the drift check: its documented rule
+    (ab_router_model.py ``sampled``), the first 8 bytes of sha256 as a fraction of 2**64."""
+    digest = hashlib.sha256(f"sample:{request_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < SAMPLE_RATE
+
+
+NOISE = np.random.default_rng(5).integers(0, 256, (64, 64, 3), dtype=np.uint8)
 
 
 def png_bytes(pixels: np.ndarray, mode: str = "RGB") -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).convert(mode).save(buffer, "PNG")
     return buffer.getvalue()
+
+
+def jpeg_bytes(pixels: np.ndarray, mode: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def cut_short(data: bytes) -> bytes:
+    """The first half of a file: its header reads, its pixels do not."""
+    return data[: len(data) // 2]
 
 
 def png_header_only(width: int, height: int) -> bytes:
@@ -94,6 +124,11 @@ def test_prepare_upload_converts_as_image_folder_does_and_says_so() -> None:
     assert prepared.notes == ["converted from RGBA to RGB", "resized from 96x64 to 32x32"]
     exact = prepare_upload("exact.png", png_bytes(pixels))
     assert exact.notes == [] and np.array_equal(exact.pixels, pixels)
+    grey = prepare_upload("grey.JPG", jpeg_bytes(large, "L"))
+    assert grey.pixels.shape == (32, 32, 3) and grey.pixels.dtype == np.uint8
+    assert grey.notes == ["converted from L to RGB", "resized from 96x64 to 32x32"]
+    # greyscale stays greyscale: the three channels are equal
+    assert np.array_equal(grey.pixels[..., 0], grey.pixels[..., 2])
 
 
 @pytest.mark.parametrize(
@@ -104,6 +139,8 @@ def test_prepare_upload_converts_as_image_folder_does_and_says_so() -> None:
         ("huge.png", png_header_only(9000, 9000), "9000x9000 pixels (81 megapixels)"),
         ("big.png", b"\0" * (26 * 1024 * 1024), "the limit is 25 MB"),
         ("photo.gif", b"GIF89a", "is not a PNG or JPEG file"),
+        ("cut.png", cut_short(png_bytes(NOISE)), "the file is probably cut short"),
+        ("cut.jpg", cut_short(jpeg_bytes(NOISE, "RGB")), "the file is probably cut short"),
     ],
 )
 def test_prepare_upload_refuses_bad_files_in_words(name: str, data: bytes, says: str) -> None:
@@ -273,6 +310,26 @@ def page(app_url: str) -> Iterator[Any]:
         browser.close()
 
 
+@pytest.fixture(autouse=True)
+def screenshot_on_failure(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A browser test that fails leaves ``test-artifacts/failed-<test>.png``: the page as it was
+    when the test failed. (pytest has logged the test's call by the time its function-scoped
+    fixtures are torn down, so the session's failure count already includes it.)"""
+    failed_before = request.session.testsfailed
+    yield
+    tab = request.node.funcargs.get("page")
+    if tab is None or request.session.testsfailed == failed_before:
+        return
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / f"failed-{request.node.name}.png"
+    try:
+        tab.screenshot(path=str(path), full_page=True)
+    except Exception as error:  # a closed browser: the failure itself is what matters
+        print(f"no screenshot of the failure: {type(error).__name__}: {error}")
+    else:
+        print(f"the page when the test failed: {path}")
+
+
 def settle(page: Any) -> None:
     """Wait for Streamlit's script run to end: until then, elements of the previous run stay on
     the page, marked stale."""
@@ -319,31 +376,55 @@ def test_upload_shows_a_prediction(page: Any, triton_server: ServingEnv) -> None
     print(f"upload to prediction shown: {shown_after:.2f} s")
 
 
-def ab_report_as_the_asset_builds_it(env: ServingEnv, storage: Path) -> Any:
-    """analyse_ab on the input ab_test_report builds (capture joined with the last feedback per
-    image, restricted to weighted versions), written where the asset writes its JSON and PNG."""
-    from cifar_assets.drift.ab_stats import ab_results_png, analyse_ab
+def tracking_uri_of(env: ServingEnv) -> str:
+    """The MLflow store the app fixture points cifar-app at."""
+    return f"sqlite:///{env.state_dir.parent / 'mlflow.db'}"
 
-    weights = repository.read_ab_weights(env.state_dir)
-    control, treatment = sorted(weights, key=lambda v: (-weights[v], v))
-    capture = read_capture(env.capture_dir)
-    feedback = read_feedback(env.capture_dir)[["request_id", "item", "label"]]
-    records = capture.merge(feedback, on=["request_id", "item"], how="left")
-    records["correct"] = (records["predicted_class"] == records["label"]).where(
-        records["label"].notna()
+
+def materialize_ab_test_report(env: ServingEnv, monkeypatch: pytest.MonkeyPatch) -> dg.Output[Any]:
+    """The ab_test_report asset itself, on the app's Triton, capture and MLflow store: it writes
+    ``<storage>/ab_test_report/ab_report.json``, which the Watch page reads."""
+    from cifar_assets.artifacts import TritonDeployment
+    from cifar_assets.assets.monitoring_assets import ABTestConfig, ab_test_report
+    from cifar_assets.resources import MLflowResource, TritonResource
+
+    uri = tracking_uri_of(env)
+    point_settings_at(env, uri, monkeypatch)
+    monkeypatch.delenv("CIFAR_STORAGE_DIR", raising=False)
+    deployment = TritonDeployment("cifar10_resnet18", 2, [1, 2], "", "")  # the input only
+    output = ab_test_report(
+        context=dg.build_asset_context(),
+        config=ABTestConfig(),
+        triton=TritonResource(start_if_down=False),
+        mlflow=MLflowResource(tracking_uri=uri),
+        triton_deployment=deployment,
     )
-    records = records[records["served_version"].isin(list(weights))]
-    report = analyse_ab(records, weights, control, treatment)
-    out_dir = storage / "ab_test_report"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ab_results_png(report, out_dir / "ab_results.png")
-    (out_dir / "ab_report.json").write_text(json.dumps(report.to_dict(), default=str))
-    return report
+    assert isinstance(output, dg.Output)
+    return output
+
+
+def give_feedback_as(page: Any, index: int, label: str, given: int) -> None:
+    """Choose ``label`` in the ``index``-th picture's "Wrong? It is a …" box."""
+    page.get_by_role("combobox").nth(index).click()
+    page.keyboard.type(label)  # the list is virtualised: type to bring the option up
+    page.get_by_role("option", name=label, exact=True).click()
+    page.get_by_text(f"Feedback given this session: {given}.").wait_for()
+    page.get_by_text(f"Thank you: recorded as {label}").first.wait_for()
+
+
+# The page shows 7 request ids (the upload and 6 random images), none of the previous round's.
+SEVEN_NEW_PREDICTIONS = """(previous) => {
+    const shown = document.body.innerText.match(/request id [0-9a-f]{32}/g) || [];
+    return shown.length === 7 && !previous.some((id) => shown.includes(`request id ${id}`));
+}"""
 
 
 def test_feedback_reaches_the_capture_and_the_ab_report(
-    page: Any, triton_server: ServingEnv
+    page: Any, triton_server: ServingEnv, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Feedback from the page is counted per version by the ab_test_report asset. The second
+    feedback goes to an image whose pixels the router keeps for the drift check, so that the
+    last test of this module always finds a labelled image in the drift batch."""
     from cifar_assets.data.imageset import CLASSES
 
     text = page_text(page)
@@ -353,15 +434,19 @@ def test_feedback_reaches_the_capture_and_the_ab_report(
     page.get_by_role("button", name=f"Correct: it is a {predicted[1]}").click()
     page.get_by_text("Feedback given this session: 1.").wait_for()
 
-    page.get_by_role("button", name="Try random test images").click()
-    page.get_by_text("This test image was drawn as").nth(5).wait_for()
-    page.get_by_text("served by model version").nth(6).wait_for()
-    second = REQUEST_ID.findall(page_text(page))[1]
-    page.get_by_role("combobox").nth(1).click()
-    page.keyboard.type("ship")  # the list is virtualised: type to bring the option up
-    page.get_by_role("option", name="ship", exact=True).click()
-    page.get_by_text("Feedback given this session: 2.").wait_for()
-    page.get_by_text("Thank you: recorded as ship").wait_for()
+    requests, shown = 1, [first]
+    for _ in range(5):  # each round has 6 images, each kept with probability 0.5
+        page.get_by_role("button", name="Try random test images").click()
+        page.wait_for_function(SEVEN_NEW_PREDICTIONS, arg=shown[1:])
+        requests += 6
+        shown = REQUEST_ID.findall(page_text(page))
+        assert shown[0] == first and len(shown) == 7, shown
+        kept = [index for index in range(1, 7) if router_samples(shown[index])]
+        if kept:
+            break
+    assert kept, "the router kept none of 30 images' pixels (sample rate 0.5)"
+    second = shown[kept[0]]
+    give_feedback_as(page, kept[0], "ship", given=2)
     screenshot(page, "app_feedback")
 
     joined = join_feedback(triton_server.capture_dir).set_index("request_id")
@@ -369,12 +454,54 @@ def test_feedback_reaches_the_capture_and_the_ab_report(
     assert bool(joined.loc[first, "correct"])
     assert joined.loc[second, "label"] == CLASSES.index("ship")
 
-    storage = triton_server.state_dir.parent / "storage"
-    report = ab_report_as_the_asset_builds_it(triton_server, storage)
+    output = materialize_ab_test_report(triton_server, monkeypatch)
+    versions = output.value.details["versions"]
     served = joined.loc[[first, second], "served_version"]
-    for version, stats in report.versions.items():
-        assert stats.n_feedback == int((served == version).sum())
-    assert sum(stats.requests for stats in report.versions.values()) == 7  # 1 upload, 6 random
+    assert {int(v): stats["n_feedback"] for v, stats in versions.items()} == {
+        version: int((served == version).sum()) for version in (1, 2)
+    }
+    assert sum(stats["requests"] for stats in versions.values()) == requests
+    written = json.loads(
+        (
+            triton_server.state_dir.parent / "storage" / "ab_test_report" / "ab_report.json"
+        ).read_text()
+    )
+    # what the Watch page shows is this materialization's file
+    assert written["versions"] == json.loads(json.dumps(versions, default=str))
+
+
+def test_reload_keeps_the_user_id_and_so_the_version(
+    page: Any, app_url: str, triton_server: ServingEnv
+) -> None:
+    """The user id lives in the address too: a reload (a new session) keeps it, and the router
+    sends the same person to the same version."""
+    user_id = USER_ID.findall(page_text(page))[0]
+    assert f"uid={user_id}" in page.url
+    page.get_by_role("link", name="Watch").click()
+    page.get_by_text("Requests and feedback per version").wait_for()
+    assert f"uid={user_id}" in page.url  # moving between the pages keeps it
+    page.get_by_role("link", name="Predict").click()
+    page.get_by_text("What is in this picture?").wait_for()
+    page.reload(wait_until="load")
+    page.get_by_text("Feedback given this session: 0.").wait_for()  # a new session
+    assert USER_ID.findall(page_text(page)) == [user_id]
+    upload(page, "after_reload.png", png_bytes(generate_synthetic(1, seed=9).images[0]))
+    page.get_by_text("served by model version").first.wait_for()
+    request_id = REQUEST_ID.findall(page_text(page))[-1]
+    capture = read_capture(triton_server.capture_dir)
+    mine = capture[capture["user_id"] == user_id]
+    assert request_id in set(mine["request_id"]) and len(mine) > 1
+    assert mine["served_version"].nunique() == 1
+    screenshot(page, "app_after_reload")
+
+    other = page.context.browser.new_page()  # its own context: no shared cookies
+    other.set_default_timeout(60_000)
+    try:
+        other.goto(app_url, wait_until="load")
+        other.get_by_text("Your user id is").wait_for()
+        assert USER_ID.findall(page_text(other)) != [user_id]  # an address without uid: a new id
+    finally:
+        other.close()
 
 
 def test_bad_files_get_a_message_not_a_traceback(page: Any) -> None:
@@ -396,7 +523,7 @@ def test_bad_files_get_a_message_not_a_traceback(page: Any) -> None:
 
 
 def test_watch_shows_rollout_traffic_decision_and_drift(
-    page: Any, app_url: str, triton_server: ServingEnv
+    page: Any, triton_server: ServingEnv, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     storage = triton_server.state_dir.parent / "storage"
     batch = storage / "drift_report" / "batch-monday"
@@ -414,11 +541,12 @@ def test_watch_shows_rollout_traffic_decision_and_drift(
         )
     )
     (batch / "drift_overview.png").write_bytes(png_bytes(np.full((40, 60, 3), 200, np.uint8)))
+    # the decision depends on which version this session's user hashed to (all its requests go
+    # there, a sample ratio mismatch when that is the 10% version): read it from the asset
+    report = materialize_ab_test_report(triton_server, monkeypatch).value
+    decision = {"decision": report.decision, "reason": report.reason}
     page.get_by_role("link", name="Watch").click()
     page.get_by_text("MLflow, the router and Triton agree.").wait_for()
-    # the decision depends on which version this session's user hashed to (all its requests go
-    # there, a sample ratio mismatch when that is the 10% version): read it from the report
-    decision = json.loads((storage / "ab_test_report" / "ab_report.json").read_text())
     page.get_by_text(decision["decision"], exact=True).wait_for()
     page.get_by_text("batch-monday").wait_for()
     text = page_text(page)
@@ -452,6 +580,41 @@ def test_no_model_deployed_gets_its_message(page: Any, triton_server: ServingEnv
         aside.rename(weights)
 
 
+def test_router_not_loaded_gets_its_message(page: Any, triton_server: ServingEnv) -> None:
+    """cifar10_ab unloaded through Triton's model-control API, with the project's key: the
+    server answers, the router does not exist."""
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(triton_server.http_url)
+    client.unload_model(
+        repository.ROUTER_NAME, headers=repository.control_headers(triton_server.state_dir)
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while client.is_model_ready(repository.ROUTER_NAME):
+            assert time.monotonic() < deadline, "Triton did not unload cifar10_ab in 60 s"
+            time.sleep(0.5)
+        page.reload(wait_until="load")  # nothing left from the previous test's message
+        page.get_by_text("No model is deployed for predictions yet").wait_for()
+        page.get_by_text("Details for the platform team").click()
+        page.get_by_text(
+            f"{repository.ROUTER_NAME} at {triton_server.http_url} is not ready"
+        ).wait_for()
+        upload(page, "no_router.png", png_bytes(generate_synthetic(1, seed=6).images[0]))
+        page.get_by_text("Not predicted: the prediction service cannot answer").wait_for()
+        text = page_text(page)
+        assert "served by model version" not in text
+        screenshot(page, "app_no_router")
+    finally:
+        repository.load_router(
+            triton_server.http_url,
+            repo=triton_server.repo,
+            state_dir=triton_server.state_dir,
+            capture_dir=triton_server.capture_dir,
+            capture_input_sample_rate=SAMPLE_RATE,
+        )
+
+
 def test_triton_stopped_gets_its_message(
     page: Any, app_url: str, triton_server: ServingEnv
 ) -> None:
@@ -470,16 +633,21 @@ def test_triton_stopped_gets_its_message(
 def test_feedback_reaches_the_labelled_drift_batch(triton_server: ServingEnv) -> None:
     """The capture partitions of drift_report label the router's sampled pixels with feedback
     (drift/incoming.py batch_from_capture): every image given feedback in the page whose pixels
-    were sampled arrives labelled. Stopping the server flushes the sampled pixels."""
+    were sampled arrives labelled. The feedback test gave feedback on at least one image the
+    router samples. Stopping the server flushes the sampled pixels."""
     from cifar_assets.drift.incoming import batch_from_capture
     from cifar_assets.serving.capture import read_captured_inputs
 
     triton_server.server.stop()
     feedback = read_feedback(triton_server.capture_dir)
+    expected = feedback[feedback["request_id"].map(router_samples)]
+    assert len(expected) >= 1, "no feedback on a sampled image: run the whole module"
     _, sampled_ids = read_captured_inputs(triton_server.capture_dir)
     sampled = feedback[feedback["request_id"].isin(set(sampled_ids.astype(str)))]
+    assert set(sampled["request_id"]) == set(expected["request_id"])
     batch = batch_from_capture(triton_server.capture_dir)
     assert batch is not None
     labelled = batch.labels[batch.labels >= 0]
+    assert len(labelled) >= 1
     assert sorted(labelled.tolist()) == sorted(sampled["label"].tolist())
     print(f"{len(sampled)} of {len(feedback)} feedback labels reached the drift batch (sampled)")

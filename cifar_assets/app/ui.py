@@ -4,7 +4,8 @@ Only layout lives here; what is shown comes from ``images``, ``predict`` and ``w
 part of a page runs inside :func:`shown_errors`, so a failure becomes a sentence on the page,
 never a traceback. Per browser session (``st.session_state``): the user id the router hashes
 (so one person keeps one model version), the predictions already made (a rerun, e.g. after a
-feedback click, sends nothing to Triton again) and the feedback given.
+feedback click, sends nothing to Triton again) and the feedback given. The user id is also kept
+in the page's address (``?uid=``), so a reload, which starts a new session, keeps it too.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ from cifar_assets.serving.client import ServingError
 
 RANDOM_IMAGES = 6
 _MARKDOWN = re.compile(r"([\\`*_{}\[\]()<>#+\-.!|~$])")
+USER_ID_PARAM = "uid"
+# What a user id taken from the address may look like: the ids this page makes (web-<12 hex>)
+# and any other plain token, never text that would need escaping on the page or in the capture.
+USER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 ZOOM = 4  # the 32x32 image is shown 4x larger, pixels kept sharp
 
 
@@ -48,10 +53,16 @@ def shown_errors(what: str) -> Iterator[None]:
         )
 
 
+def _user_id() -> str:
+    """The id in the page's address if it is one, else a new one."""
+    given = st.query_params.get(USER_ID_PARAM, "")
+    return given if USER_ID.fullmatch(given) else f"web-{uuid.uuid4().hex[:12]}"
+
+
 def _state() -> Any:
     state = st.session_state
     if "user_id" not in state:
-        state.user_id = f"web-{uuid.uuid4().hex[:12]}"
+        state.user_id = _user_id()
         state.prepared = {}  # key -> PreparedImage or an error message
         state.predictions = {}  # key -> Prediction
         state.random_keys = []
@@ -191,8 +202,8 @@ def predict_page() -> None:
         "model version is kept."
     )
     st.caption(
-        f"Your user id is {state.user_id}: you keep the same model version while this page "
-        f"is open. Feedback given this session: {len(state.feedback)}."
+        f"Your user id is {state.user_id}: you keep the same model version while you use this "
+        f"page's address. Feedback given this session: {len(state.feedback)}."
     )
     if state.feedback_error:
         st.error(plain(state.feedback_error))
@@ -360,6 +371,8 @@ def watch_page() -> None:
 def main() -> None:
     st.set_page_config(page_title="CIFAR-10 classifier", layout="wide")
     with shown_errors("This page"):
+        # every run, since moving between the pages drops the address's parameters
+        st.query_params[USER_ID_PARAM] = _state().user_id
         pages = [
             st.Page(predict_page, title="Predict", url_path="predict", default=True),
             st.Page(watch_page, title="Watch", url_path="watch"),

@@ -69,13 +69,13 @@ def lifecycle(config: AppConfig, transitions: int = 5) -> LifecycleView:
     from cifar_assets.ml.registry import Registry
     from cifar_assets.serving.rollout import Rollout
 
-    rollout = Rollout(
-        models=Registry(config.tracking_uri, config.model_name),
-        triton=config.triton_url,
-        repo=config.triton_repo,
-        state_dir=config.state_dir,
-    )
     try:
+        rollout = Rollout(
+            models=Registry(config.tracking_uri, config.model_name),
+            triton=config.triton_url,
+            repo=config.triton_repo,
+            state_dir=config.state_dir,
+        )
         state = rollout.state().to_dict()
         problems = rollout.check()
         done = [r for r in rollout.journal() if r.get("phase") == "done"]
