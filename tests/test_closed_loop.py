@@ -10,10 +10,12 @@
    which serves v2 as challenger beside the champion.
 4. Traffic with feedback goes through the router; ``ab_test_report`` is materialized from the
    CLI; ``promotion_job`` and ``rollback_job`` are launched through GraphQL, as the UI does.
+   A small batch dropped after each is judged by the detectors of the champion of the moment.
 
 After every step every run has succeeded, and MLflow's aliases, Triton's live versions and the
-router's weights agree (the rollout's check against the running server). The times from a
-dropped batch to its verdict and from a drifted verdict to the challenger serving are printed.
+router's weights are exactly what the step should leave, and agree (the rollout's check against
+the running server). The times from a dropped batch to its verdict and from a drifted verdict to
+the challenger serving are printed, with the final state.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import os
 import signal
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,15 +35,18 @@ import pytest
 
 from tests.conftest import subprocess_env, whole_state
 from tests.loop import (
+    CHAMPION_ONLY,
     DAGSTER,
     TRAINING,
     Loop,
-    ab_test_promote_and_roll_back,
+    ab_test_and_promote,
     assert_journal,
     drop_and_check,
     expected_state,
     job_execute,
     retraining_serves_challenger,
+    roll_back,
+    small_clean_batch,
     write_batches,
 )
 from tests.serving_fixtures import copy_repository, free_ports
@@ -121,10 +127,12 @@ def run_the_loop(loop: Loop, tmp_path: Path) -> None:
         with loop.instance() as instance:
             states = {s.instigator_name: s.status.value for s in instance.all_instigator_state()}
         assert states["drift_retraining_sensor"] == "STOPPED"
+        loop.assert_state(*CHAMPION_ONLY)
         loop.dagster("sensor", "start", "drift_retraining_sensor", "-w", "workspace.yaml")
         with loop.instance() as instance:
             states = {s.instigator_name: s.status.value for s in instance.all_instigator_state()}
         assert states["drift_retraining_sensor"] == "RUNNING"
+        loop.assert_state(*CHAMPION_ONLY)
 
         # 3. Batches dropped as files; the daemon checks each, then launches one retraining
         # for the drifted reports, with every labelled drifted batch in its data.
@@ -138,7 +146,15 @@ def run_the_loop(loop: Loop, tmp_path: Path) -> None:
         retraining_serves_challenger(loop, verdicts)
 
         # 4. Traffic with feedback, the A/B report from the CLI, promotion and rollback
-        # through GraphQL, as the launchpad sends them.
-        ab_test_promote_and_roll_back(loop)
+        # through GraphQL, as the launchpad sends them. The detectors follow the champion: a
+        # batch dropped after each is judged by v2's, then by v1's again.
+        ab_test_and_promote(loop)
+        drop_and_check(
+            loop, small_clean_batch("after_promotion", 31), {"after_promotion"}, (2, None, {2: 1.0})
+        )
+        roll_back(loop)
+        drop_and_check(loop, small_clean_batch("after_rollback", 32), {"after_rollback"})
 
     assert_journal(loop, [("deploy", 1), ("deploy", 2), ("promote", 2), ("rollback", 1)])
+    loop.figures["final_state"] = whole_state()
+    loop.figures["runs_per_job"] = dict(Counter(r.job_name for r in loop.runs()))
