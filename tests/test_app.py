@@ -505,20 +505,31 @@ def test_reload_keeps_the_user_id_and_so_the_version(
 
 
 def test_bad_files_get_a_message_not_a_traceback(page: Any) -> None:
+    """Bad files beside a good greyscale JPEG: each bad one gets its sentence, the JPEG is
+    converted, resized, said so, and predicted."""
+    grey = np.asarray(Image.fromarray(NOISE).resize((96, 64)).convert("L"))
     page.locator("input[type=file]").set_input_files(
         [
-            {"name": name, "mimeType": "image/png", "buffer": data}
-            for name, data in (
-                ("notes.png", b"these are notes, not pixels"),
-                ("empty.png", b""),
-                ("huge.png", png_header_only(9000, 9000)),
+            {"name": name, "mimeType": mime, "buffer": data}
+            for name, mime, data in (
+                ("notes.png", "image/png", b"these are notes, not pixels"),
+                ("empty.png", "image/png", b""),
+                ("huge.png", "image/png", png_header_only(9000, 9000)),
+                ("cut.png", "image/png", cut_short(png_bytes(NOISE))),
+                ("grey.jpg", "image/jpeg", jpeg_bytes(grey, "L")),
             )
         ]
     )
     page.get_by_text("notes.png is not an image that can be read").wait_for()
     page.get_by_text("empty.png is empty (0 bytes)").wait_for()
     page.get_by_text("huge.png is 9000x9000 pixels").wait_for()
-    page_text(page)
+    page.get_by_text("cut.png could not be decoded").wait_for()
+    page.get_by_text("Note: converted from L to RGB; resized from 96x64 to 32x32.").wait_for()
+    page.get_by_text("served by model version").first.wait_for()
+    text = page_text(page)
+    assert "the file is probably cut short" in text
+    grey_card = text.rsplit("grey.jpg", 1)[1]  # the last card: after the uploader's list
+    assert "resized from 96x64" in grey_card and "served by model version" in grey_card
     screenshot(page, "app_bad_files")
 
 
