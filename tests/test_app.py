@@ -323,7 +323,7 @@ def screenshot_on_failure(request: pytest.FixtureRequest) -> Iterator[None]:
     ARTIFACTS.mkdir(exist_ok=True)
     path = ARTIFACTS / f"failed-{request.node.name}.png"
     try:
-        tab.screenshot(path=str(path), full_page=True)
+        whole_page_picture(tab, path)
     except Exception as error:  # a closed browser: the failure itself is what matters
         print(f"no screenshot of the failure: {type(error).__name__}: {error}")
     else:
@@ -347,9 +347,26 @@ def page_text(page: Any) -> str:
     return text
 
 
+# Streamlit scrolls inside its own container, not the document: a full-page screenshot would
+# stop at the window's edge, so the window is made as tall as the content for the picture.
+CONTENT_HEIGHT = """() => Math.max(document.documentElement.scrollHeight,
+    ...[...document.querySelectorAll('[data-testid="stMain"], [data-testid="stAppViewContainer"]')]
+        .map((element) => element.scrollHeight))"""
+
+
+def whole_page_picture(page: Any, path: Path) -> None:
+    window = page.viewport_size
+    height = min(int(page.evaluate(CONTENT_HEIGHT)), 10_000)
+    page.set_viewport_size({"width": window["width"], "height": max(height, window["height"])})
+    try:
+        page.screenshot(path=str(path), full_page=True)
+    finally:
+        page.set_viewport_size(window)
+
+
 def screenshot(page: Any, name: str) -> None:
     settle(page)
-    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+    whole_page_picture(page, ARTIFACTS / f"{name}.png")
 
 
 def upload(page: Any, name: str, data: bytes, mime: str = "image/png") -> None:
