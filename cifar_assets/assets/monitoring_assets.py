@@ -22,6 +22,7 @@ from cifar_assets.resources import MLflowResource, TritonResource, rollout_for
 from cifar_assets.settings import get_settings
 
 if TYPE_CHECKING:
+    from cifar_assets.drift.check import DriftCheck
     from cifar_assets.serving.ab_test import ABTestRun
 
 MONITORING_GROUP = "monitoring"
@@ -127,8 +128,6 @@ def drift_report(
     mlflow: MLflowResource,
     incoming_batch: ImageSet,
 ) -> dg.Output[DriftVerdict]:
-    import pandas as pd
-
     from cifar_assets.drift.check import NoDetectorsError, check_incoming_batch
     from cifar_assets.jobs import end_orphaned_mlflow_runs
     from cifar_assets.ml import tracking
@@ -151,6 +150,17 @@ def drift_report(
     except NoDetectorsError as error:
         raise dg.Failure(str(error)) from error
     report = check.report
+    verdict = DriftVerdict(
+        batch, report.drift, report.score, check.labelled, report.model_version, report.to_dict()
+    )
+    run_url = tracking.run_url(mlflow.uri(), check.mlflow_run_id)
+    return versioned_output(verdict, metadata=_drift_metadata(check, run_url))
+
+
+def _drift_metadata(check: "DriftCheck", run_url: str) -> dict[str, Any]:
+    import pandas as pd
+
+    report = check.report
     metadata: dict[str, Any] = {
         "drift": report.drift,
         "data_drift": report.data_drift,
@@ -163,14 +173,11 @@ def drift_report(
         "labelled": check.labelled,
         "model_version": report.model_version,
         "drift_overview": image(check.overview_png, "drift overview"),
-        "mlflow_run": dg.MetadataValue.url(tracking.run_url(mlflow.uri(), check.mlflow_run_id)),
+        "mlflow_run": dg.MetadataValue.url(run_url),
     }
     if check.moved_features_png is not None:
         metadata["moved_feature_distributions"] = image(check.moved_features_png, "moved features")
-    verdict = DriftVerdict(
-        batch, report.drift, report.score, check.labelled, report.model_version, report.to_dict()
-    )
-    return versioned_output(verdict, metadata=metadata)
+    return metadata
 
 
 class ABTestConfig(dg.Config):
