@@ -1,7 +1,7 @@
 """Jobs: the data job, the main job (the whole chain), the drift check, retraining, and A/B
 promotion or rollback."""
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import dagster as dg
 from pydantic import Field
@@ -11,29 +11,6 @@ from cifar_assets.resources import MLflowResource, TritonResource, rollout_for
 
 if TYPE_CHECKING:
     from cifar_assets.serving.rollout import Rollout
-
-
-def end_orphaned_mlflow_runs(
-    instance: dg.DagsterInstance, mlflow: MLflowResource, log: Any
-) -> dict[str, str]:
-    """Mark FAILED, with the reason, every RUNNING MLflow run of the model's training or
-    monitoring experiment whose Dagster run has ended (a step killed with SIGKILL cannot end its
-    own run). Every sensor calls it at each tick and every run that writes MLflow runs at its
-    start, so no MLflow run is left RUNNING, with or without the daemon."""
-    from cifar_assets.ml import tracking
-
-    def ended_status(run_id: str) -> str | None:
-        run = instance.get_run_by_id(run_id)
-        return run.status.value if run is not None and run.is_finished else None
-
-    ended = tracking.end_runs_of_ended_dagster_runs(
-        mlflow.uri(),
-        [mlflow.experiment(), tracking.monitoring_experiment(mlflow.registered_model_name())],
-        ended_status,
-    )
-    for mlflow_run, reason in ended.items():
-        log.warning(f"MLflow run {mlflow_run} marked FAILED: {reason}")
-    return ended
 
 
 DATA_ASSETS = ["cifar10_raw", "cifar10_splits", "validation_report", "image_features"]
@@ -115,7 +92,7 @@ def apply_ab_outcome(
     mlflow: MLflowResource,
     triton: TritonResource,
 ) -> None:
-    end_orphaned_mlflow_runs(context.instance, mlflow, context.log)
+    mlflow.end_orphaned_runs(context.instance, context.log)
     event = context.instance.get_latest_materialization_event(dg.AssetKey("ab_test_report"))
     if event is None or event.asset_materialization is None:
         raise dg.Failure("No ab_test_report yet: materialize it first (monitoring group).")
@@ -166,7 +143,7 @@ def rollback_champion(
 ) -> None:
     from cifar_assets.serving.rollout import RolloutError
 
-    end_orphaned_mlflow_runs(context.instance, mlflow, context.log)
+    mlflow.end_orphaned_runs(context.instance, context.log)
     server = triton.ensure_running(context.log)
     rollout = rollout_for(mlflow, server.config)
     try:

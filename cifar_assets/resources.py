@@ -106,6 +106,26 @@ class MLflowResource(dg.ConfigurableResource):
 
         return Registry(self.uri(), self.registered_model_name())
 
+    def end_orphaned_runs(self, instance: dg.DagsterInstance, log: Any) -> dict[str, str]:
+        """Mark FAILED, with the reason, every RUNNING MLflow run of the model's training or
+        monitoring experiment whose Dagster run has ended (a step killed with SIGKILL cannot end
+        its own run). Every sensor calls it at each tick and every run that writes MLflow runs
+        at its start, so no MLflow run is left RUNNING, with or without the daemon."""
+        from cifar_assets.ml import tracking
+
+        def ended_status(run_id: str) -> str | None:
+            run = instance.get_run_by_id(run_id)
+            return run.status.value if run is not None and run.is_finished else None
+
+        ended = tracking.end_runs_of_ended_dagster_runs(
+            self.uri(),
+            [self.experiment(), tracking.monitoring_experiment(self.registered_model_name())],
+            ended_status,
+        )
+        for mlflow_run, reason in ended.items():
+            log.warning(f"MLflow run {mlflow_run} marked FAILED: {reason}")
+        return ended
+
     def artifact_location(self) -> str | None:
         if self.uri().startswith("sqlite:"):
             return get_settings().mlflow_artifact_root.as_uri()

@@ -1,6 +1,7 @@
 """Sensors: register new production batches and check them for drift; request retraining when
 drift reports say drift, under a written policy (evaluate_retraining). Every tick of every sensor
-first marks FAILED the MLflow runs of Dagster runs that have ended (end_orphaned_mlflow_runs)."""
+first marks FAILED the MLflow runs of Dagster runs that have ended
+(MLflowResource.end_orphaned_runs)."""
 
 import json
 import time
@@ -13,12 +14,7 @@ from typing import Any
 import dagster as dg
 
 from cifar_assets.assets.monitoring_assets import INCOMING_PARTITIONS, incoming_batches
-from cifar_assets.jobs import (
-    drift_check_job,
-    end_orphaned_mlflow_runs,
-    retraining_job,
-    rollout_job,
-)
+from cifar_assets.jobs import drift_check_job, retraining_job, rollout_job
 from cifar_assets.resources import MLflowResource, TritonResource, rollout_for, stored_value_path
 from cifar_assets.settings import get_settings
 
@@ -42,7 +38,7 @@ def incoming_batch_sensor(
 ) -> dg.SensorResult:
     from cifar_assets.drift.incoming import discover_batches
 
-    end_orphaned_mlflow_runs(context.instance, mlflow, context.log)
+    mlflow.end_orphaned_runs(context.instance, context.log)
     incoming_dir = get_settings().incoming_dir
     discovery = discover_batches(incoming_dir)
     # A bad entry is reported once (not at every tick) and never holds up the others.
@@ -235,7 +231,7 @@ def evaluate_retraining(
     # Read first, so that a broken file fails every tick (red in the UI); the cursor stays, so
     # the reports are handled once the file is fixed.
     base = load_retraining_base(get_settings().retraining_config)
-    end_orphaned_mlflow_runs(context.instance, mlflow, context.log)
+    mlflow.end_orphaned_runs(context.instance, context.log)
     cursor = json.loads(context.cursor) if context.cursor else {}
     history = retraining_history(context.instance)
     seen = int(cursor.get("seen_through", 0))
@@ -346,7 +342,7 @@ def rollout_sensor(
     from cifar_assets.serving.gates import judge_stage
     from cifar_assets.serving.rollout import FIXED
 
-    end_orphaned_mlflow_runs(context.instance, mlflow, context.log)
+    mlflow.end_orphaned_runs(context.instance, context.log)
     server = triton.server_config()
     state = rollout_for(mlflow, server).state()
     if state.stage in (None, FIXED):

@@ -129,10 +129,9 @@ def drift_report(
     incoming_batch: ImageSet,
 ) -> dg.Output[DriftVerdict]:
     from cifar_assets.drift.check import NoDetectorsError, check_incoming_batch
-    from cifar_assets.jobs import end_orphaned_mlflow_runs
     from cifar_assets.ml import tracking
 
-    end_orphaned_mlflow_runs(context.instance, mlflow, context.log)
+    mlflow.end_orphaned_runs(context.instance, context.log)
     batch = context.partition_key
     settings = get_settings()
     try:
@@ -210,11 +209,10 @@ def ab_test_report(
     mlflow: MLflowResource,
     triton_deployment: TritonDeployment,
 ) -> dg.Output[ABTestSummary]:
-    from cifar_assets.jobs import end_orphaned_mlflow_runs
     from cifar_assets.ml import tracking
     from cifar_assets.serving.ab_test import NoABTestError, log_ab_run, run_ab_test
 
-    end_orphaned_mlflow_runs(context.instance, mlflow, context.log)
+    mlflow.end_orphaned_runs(context.instance, context.log)
     server = triton.server_config()
     try:
         run = run_ab_test(

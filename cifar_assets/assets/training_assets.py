@@ -66,13 +66,12 @@ def trained_model(
     mlflow: MLflowResource,
     cifar10_splits: Splits,
 ) -> dg.Output[TrainedModel]:
-    from cifar_assets.jobs import end_orphaned_mlflow_runs
     from cifar_assets.ml import tracking
     from cifar_assets.ml.training_run import train_tracked
 
     # A training killed with SIGKILL (even under `dagster job execute`, without the daemon) left
     # its MLflow run RUNNING: end it now, with the reason.
-    end_orphaned_mlflow_runs(context.instance, mlflow, context.log)
+    mlflow.end_orphaned_runs(context.instance, context.log)
     train_config = TrainConfig(**config.model_dump())
     data_version = cifar10_splits.fingerprint()
     started = time.monotonic()
